@@ -1,0 +1,2 @@
+"""autoselect_fast: learned visual-token pruning (AutoSelect) for vision-language models."""
+__version__ = "0.1.0"
