@@ -1,0 +1,88 @@
+"""Command line: ``autoselect-fast`` (also ``python -m autoselect_fast``).
+
+``autoselect-fast pruning`` times the pruning module alone (Scorer + hard top-K selection) on a
+LLaVA-1.5-sized input (N = 576 visual tokens of width 1024, default Scorer of 2 blocks), prints the
+median with min-max, and writes a JSON with the environment next to the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def run_pruning_benchmark(args: argparse.Namespace) -> dict:
+    from .modules import Scorer, ScorerConfig
+    from .reference import select_tokens
+    from .timing import environment, measure
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    scorer = Scorer(ScorerConfig(input_dim=args.dim)).to(device=device, dtype=args.dtype).eval()
+    features = torch.randn(args.batch * args.tokens, args.dim, device=device, dtype=args.dtype)
+    cu_seqlens = torch.arange(0, args.batch + 1, device=device, dtype=torch.int64) * args.tokens
+
+    @torch.inference_mode()
+    def pruning_module():
+        scores = scorer(features, cu_seqlens)
+        return select_tokens(scores, features, args.keep, cu_seqlens)
+
+    @torch.inference_mode()
+    def scorer_only():
+        return scorer(features, cu_seqlens)
+
+    print(f"pruning module: batch {args.batch} x N={args.tokens} tokens of width {args.dim}, keep K={args.keep}, {args.dtype}, {device}")
+    total = measure(pruning_module, device=device, warmup=args.warmup, repeats=args.repeats)
+    scoring = measure(scorer_only, device=device, warmup=args.warmup, repeats=args.repeats)
+    print(f"  Scorer + selection : {total}")
+    print(f"  Scorer alone       : {scoring}")
+    result = {
+        "benchmark": "pruning_module",
+        "environment": environment(device),
+        "shape": {"batch": args.batch, "tokens": args.tokens, "dim": args.dim, "keep": args.keep},
+        "dtype": str(args.dtype),
+        "pruning_module": total.as_dict(),
+        "scorer_only": scoring.as_dict(),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"  results written to {args.out}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoselect-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pruning = sub.add_parser("pruning", help="time the pruning module (Scorer + selection) alone")
+    pruning.add_argument("--tokens", type=int, default=576, help="visual tokens per image (N)")
+    pruning.add_argument("--dim", type=int, default=1024, help="vision feature width (d_v)")
+    pruning.add_argument("--keep", type=int, default=64, help="tokens kept per image (K)")
+    pruning.add_argument("--batch", type=int, default=1)
+    pruning.add_argument("--dtype", type=_dtype, default=torch.float32, help="fp32, fp16 or bf16")
+    pruning.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pruning.add_argument("--warmup", type=int, default=5)
+    pruning.add_argument("--repeats", type=int, default=50)
+    pruning.add_argument("--out", default="bench/out/pruning.json", help="where to write the JSON results")
+    pruning.set_defaults(handler=run_pruning_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
