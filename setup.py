@@ -7,10 +7,91 @@ folder; it is installed as ``autoselect_fast.kernels`` and never as a top-level 
 Install without build isolation so the extension builds against the torch you already have:
 
     pip install --no-build-isolation -e .
+
+The C++/CUDA extension ``autoselect_fast._C`` (``csrc/``, varlen packing) is built with ninja:
+
+* the CPU path is always built;
+* the CUDA path (``csrc/pack_cuda.cpp`` + ``csrc/pack_kernel.cu``) is built when torch is a CUDA
+  build (``torch.version.cuda`` is set) and nvcc is found (``CUDA_HOME``); no GPU is needed at build
+  time. On a CPU-only (or ROCm) torch the extension is CPU-only: such a torch has no CUDA libraries
+  to link against. ``.ci/compile_cuda.sh`` still compiles the CUDA sources there, so CUDA build
+  errors are caught on every machine.
+
+Environment flags:
+
+* ``AUTOSELECT_FAST_FORCE_CUDA=1``: build the CUDA path or fail, naming what is missing (CPU-only
+  torch, nvcc not found), instead of falling back to a CPU-only build.
+* ``AUTOSELECT_FAST_SKIP_CUDA=1``: build the CPU path only, even where CUDA is available.
+* ``TORCH_CUDA_ARCH_LIST`` (torch's own flag): GPU architectures to compile for, e.g. ``"9.0"``.
+* ``MAX_JOBS`` (torch's own flag): parallel compile jobs of ninja.
 """
+import os
+import sys
+
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels"]
+PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models"]
+CSRC = "csrc"
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise RuntimeError(f"{name}={value!r}: use 1 (on) or 0 (off)")
+    return value in ("1", "true", "yes")
+
+
+def _want_cuda(torch, cuda_home):
+    """Whether to build the CUDA path; raises when the flags ask for the impossible."""
+    force, skip = _flag("AUTOSELECT_FAST_FORCE_CUDA"), _flag("AUTOSELECT_FAST_SKIP_CUDA")
+    if force and skip:
+        raise RuntimeError("AUTOSELECT_FAST_FORCE_CUDA=1 and AUTOSELECT_FAST_SKIP_CUDA=1 contradict each other")
+    if skip:
+        return False
+    missing = None
+    if torch.version.cuda is None:
+        missing = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        missing = "nvcc / CUDA_HOME not found"
+    if missing is None:
+        return True
+    if force:
+        raise RuntimeError(f"AUTOSELECT_FAST_FORCE_CUDA=1 but {missing}")
+    print(f"autoselect_fast: building the CPU-only extension ({missing})", file=sys.stderr)
+    return False
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    # at::parallel_for runs its OpenMP loop inline in the extension, so the extension needs OpenMP.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3"] + openmp
+    sources = [os.path.join(CSRC, "pack.cpp")]
+    depends = [os.path.join(CSRC, name) for name in ("pack.h", "pack_index.h", "pack_kernel.h")]
+
+    if _want_cuda(torch, CUDA_HOME):
+        ext = CUDAExtension(
+            name="autoselect_fast._C",
+            sources=sources + [os.path.join(CSRC, "pack_cuda.cpp"), os.path.join(CSRC, "pack_kernel.cu")],
+            depends=depends,
+            define_macros=[("AUTOSELECT_FAST_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=openmp,
+        )
+    else:
+        ext = CppExtension(
+            name="autoselect_fast._C",
+            sources=sources,
+            depends=depends,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="autoselect_fast",
@@ -22,6 +103,8 @@ setup(
         "autoselect_fast": "autoselect_fast",
         "autoselect_fast.kernels": "kernels",
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     # torch is deliberately unpinned here: CPU machines pin it through requirements.txt, GPU users
     # keep their CUDA build (DESIGN.md section 8).
     install_requires=["torch>=2.9", "triton>=3.4", "transformers>=5.17,<6", "safetensors", "numpy", "tqdm", "pillow"],
