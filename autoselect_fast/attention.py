@@ -1,0 +1,264 @@
+"""Varlen (packed, block-diagonal causal) attention and its registration in transformers.
+
+This module owns the attention the engine's packed prefill runs (DESIGN.md section 5): several
+requests are concatenated into one sequence of T tokens, ``cu_seqlens`` marks where each request
+starts, and every token attends causally to the tokens of its own request only.
+
+Backends, in order of preference for ``backend="auto"``:
+
+* ``"flash_attn"``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, when installed);
+* ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9). Its
+  keyword arguments changed between releases (causal is ``window_size=(-1, 0)`` from 2.10 on,
+  ``is_causal=True`` before; ``enable_gqa`` is not in every release), so they are chosen from its
+  signature at run time;
+* ``"sdpa"``: the reference, a loop over the segments with ``F.scaled_dot_product_attention``
+  (any device, any dtype).
+
+Causality when a segment has more keys than queries follows FlashAttention: the mask is aligned to
+the bottom right (query i of Lq sees keys 0..Lk-Lq+i). Grouped-query attention (fewer key/value heads
+than query heads) is handled by every backend.
+
+transformers integration: :func:`register_varlen_attention` registers one attention function per
+backend with ``transformers.AttentionInterface.register`` (names in :data:`REGISTERED_NAMES`). The
+model's attention modules call it as ``fn(module, query, key, value, attention_mask, scaling=...,
+dropout=..., **kwargs)`` with query ``(1, Hq, T, d)`` and key/value ``(1, Hkv, T, d)`` and expect
+``((1, T, Hq, d), None)``; the segment boundaries arrive in the kwargs ``cu_seq_lens_q/k`` and
+``max_length_q/k``, which the language model's ``forward(**kwargs)`` hands down unchanged through
+every decoder layer (transformers 5.x, e.g. ``LlamaModel`` -> ``LlamaDecoderLayer`` ->
+``LlamaAttention``). A name transformers has no mask function for makes ``create_causal_mask`` return
+``None``, so no dense (T, T) mask is built.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import INT_DTYPES, check_choice, check_cu_seqlens, check_tensor
+
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+# transformers attention-implementation name of each backend.
+REGISTERED_NAMES = {
+    "auto": "autoselect_varlen",
+    "flash_attn": "autoselect_varlen_flash_attn",
+    "torch_varlen": "autoselect_varlen_torch",
+    "sdpa": "autoselect_varlen_sdpa",
+}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which backends can run here
+# --------------------------------------------------------------------------------------------------
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen_fn():
+    """``torch.nn.attention.varlen.varlen_attn`` or ``None`` when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def backend_unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``None`` when ``backend`` can run on ``device``/``dtype``, otherwise why not (for messages and skips)."""
+    check_choice("backend", backend, ATTENTION_BACKENDS[1:])
+    if backend == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"{backend} needs a CUDA device, got {device}"
+    if dtype not in _HALF_DTYPES:
+        return f"{backend} needs float16 or bfloat16, got {dtype}"
+    if backend == "flash_attn" and not flash_attn_installed():
+        return "flash-attn is not installed"
+    if backend == "torch_varlen" and _torch_varlen_fn() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend ``backend`` stands for on ``device``/``dtype``; raises if it cannot run there."""
+    check_choice("attention_backend", backend, ATTENTION_BACKENDS)
+    if backend == "auto":
+        for candidate in ("flash_attn", "torch_varlen"):
+            if backend_unavailable_reason(candidate, device, dtype) is None:
+                return candidate
+        return "sdpa"
+    reason = backend_unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise ValueError(f"attention_backend={backend!r} cannot run here: {reason}; allowed here: 'auto' or 'sdpa'")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# The op on packed (T, H, d) tensors
+# --------------------------------------------------------------------------------------------------
+def varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Causal attention within each segment of a packed batch.
+
+    Args:
+        query: ``(Tq, Hq, d)``; key, value: ``(Tk, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA).
+        cu_seqlens_q / cu_seqlens_k: ``(B+1,)`` int32/int64 segment offsets (``k`` defaults to ``q``).
+        max_seqlen_q / max_seqlen_k: longest segment (computed when omitted; pass them to avoid a sync).
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: one of :data:`ATTENTION_BACKENDS`.
+    Returns:
+        ``(Tq, Hq, d)`` in the dtype of ``query``.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t, ndim=3)
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have one shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if query.shape[2] != key.shape[2] or query.shape[1] % key.shape[1]:
+        raise ValueError(
+            f"query (Tq, Hq, d) and key (Tk, Hkv, d) need the same d and Hq divisible by Hkv, "
+            f"got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INT_DTYPES)
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=INT_DTYPES)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (B+1), got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = resolve_backend(backend, query.device, query.dtype)
+    if chosen == "flash_attn":
+        return _flash_attn(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)
+    if chosen == "torch_varlen":
+        return _torch_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)
+    return _sdpa_segments(query, key, value, cu_seqlens_q, cu_seqlens_k, scale)
+
+
+def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+    """Reference: one ``scaled_dot_product_attention`` per segment."""
+    bounds_q = check_cu_seqlens(cu_q, query.shape[0], name="cu_seqlens_q").tolist()
+    bounds_k = check_cu_seqlens(cu_k, key.shape[0], name="cu_seqlens_k").tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    for b in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        lq, lk = qe - qs, ke - ks
+        if lq > lk:
+            raise ValueError(f"segment {b} has {lq} queries but only {lk} keys; causal varlen attention needs Lq <= Lk")
+        q, k, v = (t.transpose(0, 1) for t in (query[qs:qe], key[ks:ke], value[ks:ke]))  # (H, L, d)
+        if lq == lk:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:  # bottom-right aligned causal mask, as FlashAttention
+            mask = torch.arange(lq, device=q.device)[:, None] + (lk - lq) >= torch.arange(lk, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[qs:qe] = o.transpose(0, 1)
+    return out
+
+
+def _flash_attn(query, key, value, cu_q, cu_k, max_q, max_k, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+        dropout_p=0.0, softmax_scale=scale, causal=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen_params() -> frozenset:
+    return frozenset(inspect.signature(_torch_varlen_fn()).parameters)
+
+
+def _torch_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale):
+    fn, params = _torch_varlen_fn(), _torch_varlen_params()
+    kwargs = {"scale": scale}
+    if "window_size" in params:  # torch >= 2.10
+        kwargs["window_size"] = (-1, 0)
+    elif "is_causal" in params:  # torch 2.9
+        kwargs["is_causal"] = True
+    else:
+        raise RuntimeError(f"torch {torch.__version__}: varlen_attn has neither window_size nor is_causal; cannot ask it for causal attention")
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return fn(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers AttentionInterface functions
+# --------------------------------------------------------------------------------------------------
+def _make_attention_function(backend: str):
+    def attention_function(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        dropout: float = 0.0,
+        scaling: Optional[float] = None,
+        cu_seq_lens_q: Optional[Tensor] = None,
+        cu_seq_lens_k: Optional[Tensor] = None,
+        max_length_q: Optional[int] = None,
+        max_length_k: Optional[int] = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        name = REGISTERED_NAMES[backend]
+        if cu_seq_lens_q is None or cu_seq_lens_k is None:
+            raise ValueError(
+                f"attention implementation {name!r} needs explicit cu_seq_lens_q and cu_seq_lens_k (and "
+                "max_length_q/k) in the model call; it never infers segments from masks or position ids"
+            )
+        if query.shape[0] != 1:
+            raise ValueError(f"attention implementation {name!r} expects one packed sequence (batch 1), got query of shape {tuple(query.shape)}")
+        if attention_mask is not None:
+            raise ValueError(f"attention implementation {name!r} takes no attention_mask (segments come from cu_seq_lens), call the model with attention_mask=None")
+        if dropout:
+            raise ValueError(f"attention implementation {name!r} is for inference and has no dropout, got dropout={dropout}")
+        if kwargs.get("softcap") is not None:
+            raise ValueError(f"attention implementation {name!r} does not support softcap")
+        window = kwargs.get("sliding_window")
+        longest = max_length_k if max_length_k is not None else key.shape[2]
+        if window is not None and int(longest) > int(window):
+            raise ValueError(f"attention implementation {name!r} has no sliding window; segments of {int(longest)} tokens exceed sliding_window={window}")
+        out = varlen_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling, backend=backend,
+        )
+        return out.unsqueeze(0), None  # (1, T, Hq, d), no attention weights
+
+    attention_function.__name__ = f"varlen_attention_{backend}"
+    return attention_function
+
+
+def register_varlen_attention() -> dict[str, str]:
+    """Register every backend with ``transformers.AttentionInterface`` (idempotent). Returns backend -> name."""
+    from transformers import AttentionInterface
+
+    for backend, name in REGISTERED_NAMES.items():
+        AttentionInterface.register(name, _ATTENTION_FUNCTIONS[backend])
+    return dict(REGISTERED_NAMES)
+
+
+_ATTENTION_FUNCTIONS = {backend: _make_attention_function(backend) for backend in REGISTERED_NAMES}

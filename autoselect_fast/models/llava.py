@@ -1,0 +1,62 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one fixed-size image, N = (image_size / patch)² tokens.
+
+The features are the vision tower's hidden states of ``config.vision_feature_layer`` (-2 by default;
+a list of layers is concatenated on the feature axis, as the model does), with CLS dropped under the
+``"default"`` select strategy. They are taken before ``multi_modal_projector``; the image's tokens
+appear in the LLM sequence in encoder (row-major patch) order, with no extra tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._validation import FLOAT_DTYPES, check_tensor
+from . import ImageLayout, VLMAdapter
+
+
+class LlavaAdapter(VLMAdapter):
+    @classmethod
+    def model_classes(cls) -> tuple[type, ...]:
+        from transformers import LlavaForConditionalGeneration
+
+        return (LlavaForConditionalGeneration,)
+
+    def __init__(self, model):
+        super().__init__(model)
+        vision = self.config.vision_config
+        self.image_size = int(vision.image_size)
+        side = self.image_size // int(vision.patch_size)
+        cls_token = 1 if self.config.vision_feature_select_strategy == "full" else 0
+        self._layout = ImageLayout.plain(side * side + cls_token)
+
+    def default_image_processor(self):
+        from transformers import CLIPImageProcessor
+
+        s = self.image_size
+        return CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+
+    def process_image(self, image, image_processor) -> tuple[Tensor, Optional[tuple[int, int]]]:
+        pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return self.check_pixel_values(pixel_values, None)
+
+    def check_pixel_values(self, pixel_values: Tensor, image_size) -> tuple[Tensor, Optional[tuple[int, int]]]:
+        check_tensor("pixel_values", pixel_values, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+        if pixel_values.dim() == 4:
+            if pixel_values.shape[0] != 1:
+                raise ValueError(f"pixel_values of one request must hold one image, (3, H, W) or (1, 3, H, W), got shape {tuple(pixel_values.shape)}")
+            pixel_values = pixel_values[0]
+        s = self.image_size
+        if tuple(pixel_values.shape) != (3, s, s):
+            raise ValueError(f"pixel_values must have shape (3, {s}, {s}) for this model (vision_config.image_size = {s}), got {tuple(pixel_values.shape)}")
+        return pixel_values, None
+
+    def layout(self, image_size: Optional[tuple[int, int]] = None) -> ImageLayout:
+        return self._layout
+
+    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
+        features = self._vision_hidden_states(torch.stack(list(pixel_values)))
+        if features.shape[1] != self._layout.num_tokens:
+            raise ValueError(f"the vision tower returned {features.shape[1]} tokens per image, expected {self._layout.num_tokens}")
+        return list(features.unbind(0))
