@@ -2,4 +2,18 @@
 
 Each module holds one fused kernel and its launcher; ``autoselect_fast.ops`` dispatches to them and
 ``autoselect_fast.reference`` is the spec every kernel is tested against.
+
+  * ``selection``  hard top-K per image + gather of the kept rows + position ids (inference)
+  * ``soft_topk``  z-score + Soft Top-K threshold + α, and the implicit backward (training)
+  * ``vp_gate``    variance-preserving noise gate, ε drawn from (seed, offset) in the kernel
+  * ``philox``     NumPy replay of Triton's ``tl.randn`` stream (no Triton import)
+
+The kernel modules import triton; this package does not, so ``philox`` stays usable without it. On a
+machine without CUDA the kernels only run in Triton's interpreter, which is chosen when ``triton.jit``
+runs, i.e. ``TRITON_INTERPRET=1`` must be set before a kernel module is first imported.
 """
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a ``@triton.jit`` kernel was built for Triton's CPU interpreter."""
+    return type(kernel).__name__ == "InterpretedFunction"
