@@ -1,5 +1,9 @@
 """Command line: ``autoselect-fast`` (also ``python -m autoselect_fast``).
 
+``autoselect-fast bench`` is the benchmark report (``autoselect_fast.report``): TTFT breakdown,
+pruning overhead and FLOPs of the full model against pruned budgets, on a preset model with random
+weights (``default``: LLaVA-1.5-shaped, scaled down to run in about a minute on a 2-core CPU).
+
 ``autoselect-fast pruning`` times the pruning module alone (Scorer + hard top-K selection) on a
 LLaVA-1.5-sized input (N = 576 visual tokens of width 1024, default Scorer of 2 blocks), prints the
 median with min-max, and writes a JSON with the environment next to the numbers.
@@ -61,9 +65,34 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_report_command(args: argparse.Namespace) -> dict:
+    from .report import ReportSettings, run_report
+
+    settings = ReportSettings(
+        preset=args.preset, keeps=args.keep, device=args.device, dtype=args.dtype, batch=args.batch,
+        warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
+    )
+    return run_report(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoselect-fast", description=__doc__.split("\n\n")[0])
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="autoselect-fast", description="AutoSelect visual-token pruning: benchmarks and tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="TTFT report: full model against pruned budgets (vision, pruning, prefill, FLOPs)")
+    bench.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model preset (default: CPU-sized LLaVA-1.5 shape)")
+    bench.add_argument("--keep", type=int, nargs="*", default=[], help="budgets K to add to the preset's (192 128 64 for LLaVA-1.5)")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: the preset's (fp32 on the CPU preset, fp16 otherwise)")
+    bench.add_argument("--batch", type=int, default=1, help="requests per prefill")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
+    bench.set_defaults(handler=run_report_command)
+
     pruning = sub.add_parser("pruning", help="time the pruning module (Scorer + selection) alone")
     pruning.add_argument("--tokens", type=int, default=576, help="visual tokens per image (N)")
     pruning.add_argument("--dim", type=int, default=1024, help="vision feature width (d_v)")
@@ -80,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except MemoryError as exc:  # a preset too large for this machine: say so, no traceback
+        print(f"autoselect-fast: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

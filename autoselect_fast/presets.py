@@ -1,0 +1,172 @@
+"""Model presets for the benchmark report: real transformers classes with random weights.
+
+Timing needs no trained weights, so each preset builds the architecture from a config and initialises
+it randomly. ``default`` is a LLaVA-1.5-shaped model scaled down to run in about a minute on a 2-core
+CPU while keeping the published model's proportions (N = 576 visual tokens; vision tower, Scorer and
+LLM scaled by the same factor in per-token FLOPs); the others are the full-size architectures, meant
+for a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .modules import ScorerConfig
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    build_config: Callable[[], object]  # -> transformers config of the VLM
+    scorer: Callable[[int], ScorerConfig]  # vision width -> Scorer config
+    image_size: tuple[int, int]  # (height, width) of the benchmark image
+    text_before: int  # prompt tokens before the image placeholder
+    text_after: int  # prompt tokens after it
+    default_dtype: str = "fp16"
+    default_keeps: tuple[int, ...] = (192, 128, 64)
+    notes: list[str] = field(default_factory=list)
+
+
+def _llava_15_config(vision: dict, text: dict):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+    )
+    return config
+
+
+# CLIP ViT-L/14-336 and Llama-2-7B (Vicuna-7B) as in llava-hf/llava-1.5-7b-hf.
+CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def _default_config():
+    # Per-token FLOPs scaled by ~1/64 from LLaVA-1.5-7B for the LLM (hidden 1024, 8 layers), with the
+    # vision tower and Scorer scaled alike (per-token FLOPs relative to the LLM: vision ~6 %, Scorer
+    # ~0.3 %; 0.4 % in the full-size model); N stays 576 (336 px / patch 14).
+    vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
+    text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+    return _llava_15_config(vision, text)
+
+
+def _llava_next_7b_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**CLIP_VIT_L_336),
+        text_config=LlamaConfig(**LLAMA_7B),
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
+
+
+def _tiny_config():
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+    return _llava_15_config(vision, text)
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        name="default",
+        description="LLaVA-1.5-shaped, scaled down for a CPU (vision 256x6, LLM 1024x8, Scorer 64x2), N = 576, random weights",
+        build_config=_default_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v, hidden_dim=64, num_layers=2, num_heads=2),
+        image_size=(336, 336),
+        text_before=8,
+        text_after=40,
+        default_dtype="fp32",
+    ),
+    "tiny": Preset(
+        name="tiny",
+        description="a few-second smoke test of the report itself (LLaVA-1.5 classes, N = 16), random weights",
+        build_config=_tiny_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v, hidden_dim=32, num_layers=1, num_heads=2),
+        image_size=(56, 56),
+        text_before=4,
+        text_after=8,
+        default_dtype="fp32",
+        default_keeps=(8, 4),
+    ),
+    "llava-1.5-7b": Preset(
+        name="llava-1.5-7b",
+        description="LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 + Llama-2-7B), N = 576, random weights",
+        build_config=lambda: _llava_15_config(CLIP_VIT_L_336, LLAMA_7B),
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v),
+        image_size=(336, 336),
+        text_before=8,
+        text_after=40,
+    ),
+    "llava-next-7b": Preset(
+        name="llava-next-7b",
+        description="LLaVA-NeXT-7B architecture (any-resolution, 672x672 image: N = 2880), random weights",
+        build_config=_llava_next_7b_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v),
+        image_size=(672, 672),
+        text_before=8,
+        text_after=40,
+        default_keeps=(640, 320, 160),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model a config describes, counted on the meta device (no memory used)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(preset: Preset, config, device: torch.device, dtype: torch.dtype) -> int:
+    """Raise a clear MemoryError when the weights (plus 20 % headroom) exceed free memory."""
+    needed = int(parameter_count(config) * torch.finfo(dtype).bits // 8 * 1.2)
+    free = available_memory_bytes(device)
+    if needed > free:
+        raise MemoryError(
+            f"preset {preset.name!r} needs about {needed / 2**30:.1f} GiB for its weights in {dtype} on {device}, "
+            f"but only {free / 2**30:.1f} GiB is free; use a smaller preset (e.g. 'default') or a larger device"
+        )
+    return needed
+
+
+def build_model(preset: Preset, device: torch.device, dtype: torch.dtype):
+    """Instantiate the preset's VLM with random weights directly in ``dtype`` on ``device``."""
+    from transformers import AutoModelForImageTextToText
+
+    config = preset.build_config()
+    check_fits(preset, config, device, dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

@@ -1,0 +1,70 @@
+"""pytest-benchmark suite of the pruning module (Scorer + hard top-K selection) against its parts.
+
+    pytest bench/bench_pruning.py                 # timings
+    pytest bench/bench_pruning.py --benchmark-disable   # only checks that it runs (CI)
+
+Shape: LLaVA-1.5, one image of N = 576 tokens of width d_v = 1024, K = 64, the published Scorer
+(2 blocks, width 1024, 16 heads). Cases: the Scorer alone, selection alone (reference path, and the
+Triton kernel on CUDA), and the whole module through the engine's selection dispatch (``ops.select``).
+Compare rows of one run; benchmarks never assert timings. The end-to-end view (pruning inside TTFT)
+is ``autoselect-fast bench``.
+"""
+import pytest
+import torch
+
+from autoselect_fast import ops
+from autoselect_fast import reference as R
+from autoselect_fast.modules import Scorer, ScorerConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+N, D, K = 576, 1024, 64
+
+
+def _inputs(device):
+    torch.manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    scorer = Scorer(ScorerConfig(input_dim=D)).to(device=device, dtype=dtype).eval()
+    features = torch.randn(N, D, device=device, dtype=dtype)
+    return scorer, features
+
+
+def _run(benchmark, device, fn):
+    def step():
+        with torch.inference_mode():
+            out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"pruning module, N={N}, d={D}, K={K}, {device}"
+    return benchmark(step)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scorer_alone(benchmark, device):
+    scorer, features = _inputs(device)
+    scores = _run(benchmark, device, lambda: scorer(features))
+    assert scores.shape == (N,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_reference(benchmark, device):
+    scorer, features = _inputs(device)
+    scores = scorer(features).detach()
+    sel = _run(benchmark, device, lambda: R.select_tokens(scores, features, K))
+    assert sel.features.shape == (K, D)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton selection kernel is only timed compiled, on CUDA")
+def test_selection_triton(benchmark):
+    scorer, features = _inputs("cuda")
+    scores = scorer(features).detach()
+    sel = _run(benchmark, "cuda", lambda: ops.select(scores, features, K, backend="triton"))
+    assert torch.equal(sel.indices, R.select_tokens(scores, features, K).indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pruning_module(benchmark, device):
+    scorer, features = _inputs(device)
+    sel = _run(benchmark, device, lambda: ops.select(scorer(features), features, K))
+    assert sel.indices.shape == (K,)
