@@ -64,6 +64,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
     }
     try:

@@ -28,6 +28,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
+from autoselect_fast.timing import environment
 
 CASES = {
     "select": dict(batch=1, n=576, k=64, d=1024, dtype=torch.float16),
@@ -161,16 +162,6 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
 
 
-def versions():
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("bench", "out", "kernels.json"), help="JSON output path")
@@ -217,7 +208,7 @@ def main(argv=None):
                 mem = entry["peak_memory_bytes"]
                 print(f"{case:10s} {device:6s} peak memory: reference {mem['reference'] / 2**20:.1f} MiB, triton {mem['triton'] / 2**20:.1f} MiB")
 
-    report = {"benchmark": "kernels", "versions": versions(), "results": results}
+    report = {"benchmark": "kernels", "versions": environment("cuda" if torch.cuda.is_available() else "cpu"), "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -22,6 +22,7 @@ import torch
 
 from autoselect_fast import packing
 from autoselect_fast.packing import pack_varlen, pack_varlen_reference
+from autoselect_fast.timing import environment
 
 SEED = 0
 NUM_REQUESTS = 16
@@ -168,7 +169,7 @@ def main(argv=None):
 
     report = {
         "benchmark": "pack_varlen",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "versions": environment("cuda" if torch.cuda.is_available() else "cpu"),
         "seed": SEED,
         "results": results,
     }
