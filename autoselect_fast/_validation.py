@@ -103,3 +103,23 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_scores(scores: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Scores ``(ΣN,)`` of a float dtype, all finite; returns the validated int64 ``cu_seqlens``."""
+    check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
+    check_finite("scores", scores)
+    return check_cu_seqlens(cu_seqlens, scores.shape[0], device=scores.device)
+
+
+def check_selection_inputs(scores: Tensor, features: Tensor | None, positions: Tensor | None) -> None:
+    """Rows of ``features`` ``(ΣN, d)`` and columns of ``positions`` ``(ΣN,)``/``(3, ΣN)`` match the scores."""
+    total = scores.shape[0]
+    if features is not None:
+        check_tensor("features", features, ndim=2)
+        if features.shape[0] != total:
+            raise ValueError(f"features must have {total} rows (one per score), got shape {tuple(features.shape)}")
+    if positions is not None:
+        check_tensor("positions", positions, ndim=(1, 2), dtypes=INT_DTYPES)
+        if positions.shape[-1] != total or (positions.dim() == 2 and positions.shape[0] != 3):
+            raise ValueError(f"positions must have shape ({total},) or (3, {total}), got {tuple(positions.shape)}")

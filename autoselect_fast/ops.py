@@ -27,13 +27,13 @@ from torch import Tensor
 from . import reference
 from ._validation import (
     FLOAT_DTYPES,
-    INT_DTYPES,
     IntOrTensor,
     check_choice,
-    check_cu_seqlens,
     check_finite,
     check_k,
     check_same_device,
+    check_scores,
+    check_selection_inputs,
     check_tau,
     check_tensor,
 )
@@ -102,12 +102,6 @@ def _check_contiguous(name: str, t: Optional[Tensor], *, last_dim_only: bool = F
         raise ValueError(f"{name} must {what} for the Triton backend, got strides {tuple(t.stride())}; call .contiguous()")
 
 
-def _check_scores(scores: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
-    check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
-    check_finite("scores", scores)
-    return check_cu_seqlens(cu_seqlens, scores.shape[0], device=scores.device)
-
-
 def _opts(**blocks: Optional[int]) -> dict:
     for name, value in blocks.items():
         _check_block(name, value)
@@ -154,15 +148,8 @@ def select(
         ``reference.Selection``; ``cu_seqlens`` of the kept tokens is int64.
     """
     check_choice("position_mode", position_mode, POSITION_MODES)
-    cu = _check_scores(scores, cu_seqlens)
-    if features is not None:
-        check_tensor("features", features, ndim=2)
-        if features.shape[0] != scores.shape[0]:
-            raise ValueError(f"features must have {scores.shape[0]} rows (one per score), got shape {tuple(features.shape)}")
-    if positions is not None:
-        check_tensor("positions", positions, ndim=(1, 2), dtypes=INT_DTYPES)
-        if positions.shape[-1] != scores.shape[0] or (positions.dim() == 2 and positions.shape[0] != 3):
-            raise ValueError(f"positions must have shape ({scores.shape[0]},) or (3, {scores.shape[0]}), got {tuple(positions.shape)}")
+    cu = check_scores(scores, cu_seqlens)
+    check_selection_inputs(scores, features, positions)
     check_same_device(scores=scores, features=features, positions=positions)
     k_t = check_k(k, cu[1:] - cu[:-1])
     opts = _opts(block_n=block_n, block_d=block_d)
@@ -222,7 +209,7 @@ def soft_topk(
     dtype (α is returned in the dtype of ``scores``); Σα matches K to ~1e-6·K for N up to 16k.
     ``block_n`` is the kernels' token block (a power of two; images longer than it are looped over).
     """
-    cu = _check_scores(scores, cu_seqlens)
+    cu = check_scores(scores, cu_seqlens)
     k_t = check_k(k, cu[1:] - cu[:-1])
     tau = check_tau(tau)
     check_choice("f", f, SOFT_TOPK_FUNCTIONS)

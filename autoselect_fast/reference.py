@@ -28,12 +28,12 @@ from torch import Tensor
 
 from ._validation import (
     FLOAT_DTYPES,
-    INT_DTYPES,
     IntOrTensor,
     check_choice,
-    check_cu_seqlens,
     check_finite,
     check_k,
+    check_scores,
+    check_selection_inputs,
     check_same_device,
     check_tau,
     check_tensor,
@@ -89,19 +89,12 @@ def flat_to_padded(flat: Tensor, cu_seqlens: Tensor, pad_value: float = 0.0) -> 
     return out
 
 
-def _check_scores(scores: Tensor, cu_seqlens: Tensor | None) -> Tensor:
-    check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
-    check_finite("scores", scores)
-    cu = check_cu_seqlens(cu_seqlens, scores.shape[0], device=scores.device)
-    return cu
-
-
 # --------------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------------
 def normalize_scores(scores: Tensor, cu_seqlens: Tensor | None = None, eps: float = NORM_EPS) -> Tensor:
     """``ŝ = (s - mean(s)) / sqrt(var(s) + eps)`` per image, population variance. Differentiable."""
-    cu = _check_scores(scores, cu_seqlens)
+    cu = check_scores(scores, cu_seqlens)
     return _normalize64(scores.double(), cu, eps).to(scores.dtype)
 
 
@@ -249,7 +242,7 @@ def soft_topk(
     Returns:
         α ``(ΣN,)`` in the dtype of ``scores``.
     """
-    cu = _check_scores(scores, cu_seqlens)
+    cu = check_scores(scores, cu_seqlens)
     k_t = check_k(k, lengths_from_cu_seqlens(cu))
     tau = check_tau(tau)
     check_choice("f", f, SOFT_TOPK_FUNCTIONS)
@@ -342,7 +335,7 @@ def hard_topk_indices(scores: Tensor, k: IntOrTensor, cu_seqlens: Tensor | None 
 
     Returns ``(indices (ΣK,) int64, kept_cu_seqlens (B+1,) int64)``.
     """
-    cu = _check_scores(scores, cu_seqlens)
+    cu = check_scores(scores, cu_seqlens)
     k_t = check_k(k, lengths_from_cu_seqlens(cu))
     parts = []
     for i, (start, end) in enumerate(segment_bounds(cu)):
@@ -379,17 +372,12 @@ def select_tokens(
             position (each row, for M-RoPE) of the image's first token.
     """
     check_choice("position_mode", position_mode, POSITION_MODES)
-    cu = _check_scores(scores, cu_seqlens)
+    cu = check_scores(scores, cu_seqlens)
+    check_selection_inputs(scores, features, positions)
     if features is not None:
-        check_tensor("features", features, ndim=2)
-        if features.shape[0] != scores.shape[0]:
-            raise ValueError(f"features must have {scores.shape[0]} rows (one per score), got shape {tuple(features.shape)}")
         check_same_device(scores=scores, features=features)
     if positions is None:
         positions = default_positions(cu)
-    check_tensor("positions", positions, ndim=(1, 2), dtypes=INT_DTYPES)
-    if positions.shape[-1] != scores.shape[0] or (positions.dim() == 2 and positions.shape[0] != 3):
-        raise ValueError(f"positions must have shape ({scores.shape[0]},) or (3, {scores.shape[0]}), got {tuple(positions.shape)}")
     indices, kept_cu = hard_topk_indices(scores, k, cu)
     positions = positions.to(device=scores.device, dtype=torch.int64)
     if position_mode == "original":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -156,12 +155,6 @@ def peak_memory_bytes(step):
     return torch.cuda.max_memory_allocated() - before
 
 
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("bench", "out", "kernels.json"), help="JSON output path")
@@ -183,7 +176,7 @@ def main(argv=None):
             entry = {
                 "case": case,
                 "device": device,
-                "device_name": device_name(device),
+                "device_name": environment(device)["device"],
                 "shapes": {k: v for k, v in CASES[case].items() if k != "dtype"},
                 "dtype": str(CASES[case]["dtype"]),
                 "rounds": opts.rounds,

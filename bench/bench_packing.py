@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -132,12 +131,6 @@ def median_seconds(args, rounds, device):
     return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("bench", "out", "packing.json"), help="JSON output path")
@@ -154,7 +147,7 @@ def main(argv=None):
         ratio = times["reference"] / times["extension"]
         results.append({
             "device": device,
-            "device_name": device_name(device),
+            "device_name": environment(device)["device"],
             "shapes": shapes(args),
             "dtype": str(DTYPE),
             "rounds": opts.rounds,
