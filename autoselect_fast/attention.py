@@ -27,11 +27,22 @@ dropout=..., **kwargs)`` with query ``(1, Hq, T, d)`` and key/value ``(1, Hkv, T
 every decoder layer (transformers 5.x, e.g. ``LlamaModel`` -> ``LlamaDecoderLayer`` ->
 ``LlamaAttention``). A name transformers has no mask function for makes ``create_causal_mask`` return
 ``None``, so no dense (T, T) mask is built.
+
+Thread safety (what the engine uses): :func:`install_dispatch` points a language model's config, once,
+at a *dispatching* implementation registered under ``autoselect_dispatch|<original>``. Per call it runs
+the varlen backend when the calling thread is inside :func:`varlen_call` (a ``ContextVar``, so every
+thread and asyncio task has its own), and the model's original implementation (``sdpa``, ``eager``,
+...) otherwise, with the original's mask function. Nothing is switched during a call, so concurrent
+packed prefills and plain calls of the wrapped model do not interfere.
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import sys
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Optional
 
@@ -262,3 +273,85 @@ def register_varlen_attention() -> dict[str, str]:
 
 
 _ATTENTION_FUNCTIONS = {backend: _make_attention_function(backend) for backend in REGISTERED_NAMES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-call dispatch: varlen inside varlen_call(), the model's own implementation otherwise
+# --------------------------------------------------------------------------------------------------
+DISPATCH_PREFIX = "autoselect_dispatch|"
+_VARLEN_BACKEND: ContextVar[Optional[str]] = ContextVar("autoselect_varlen_backend", default=None)
+_DISPATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def varlen_call(backend: str):
+    """Within this block (this thread / task only) dispatching language models attend with ``backend``."""
+    check_choice("backend", backend, tuple(REGISTERED_NAMES))
+    token = _VARLEN_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _VARLEN_BACKEND.reset(token)
+
+
+def _original_attention(original: str, module: torch.nn.Module):
+    from transformers import AttentionInterface
+
+    if original in AttentionInterface._global_mapping:
+        return AttentionInterface._global_mapping[original]
+    # "eager" is not registered: every modeling file has its own eager_attention_forward.
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if original == "eager" and eager is not None:
+        return eager
+    raise ValueError(f"attention implementation {original!r} of {type(module).__name__} is neither registered with transformers nor 'eager'")
+
+
+def _make_dispatch_attention(original: str):
+    def dispatch_attention(module, query, key, value, attention_mask, **kwargs):
+        backend = _VARLEN_BACKEND.get()
+        if backend is None:
+            return _original_attention(original, module)(module, query, key, value, attention_mask, **kwargs)
+        return _ATTENTION_FUNCTIONS[backend](module, query, key, value, attention_mask, **kwargs)
+
+    dispatch_attention.__name__ = f"dispatch_attention_{original}"
+    return dispatch_attention
+
+
+def _make_dispatch_mask(original_mask):
+    def dispatch_mask(*args, **kwargs):
+        if _VARLEN_BACKEND.get() is not None:
+            return None  # varlen segments come from cu_seq_lens: never build a (T, T) mask
+        return original_mask(*args, **kwargs)
+
+    return dispatch_mask
+
+
+def install_dispatch(config) -> str:
+    """Point ``config`` (a language model's config) at the dispatching implementation; returns its name.
+
+    Idempotent and safe to call from several threads: every writer writes a dispatcher that behaves
+    like the current implementation outside :func:`varlen_call`. The one visible change is the name in
+    ``config._attn_implementation`` (``autoselect_dispatch|sdpa`` for an sdpa model); switching the model
+    to another implementation later is fine, the engine installs a dispatcher around it at its next call.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    current = config._attn_implementation or "eager"
+    if current.startswith(DISPATCH_PREFIX):
+        return current
+    name = DISPATCH_PREFIX + current
+    with _DISPATCH_LOCK:
+        if name not in AttentionInterface._global_mapping:
+            original_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(current)
+            if original_mask is not None:
+                ALL_MASK_ATTENTION_FUNCTIONS.register(name, _make_dispatch_mask(original_mask))
+            AttentionInterface.register(name, _make_dispatch_attention(current))
+        config._attn_implementation = name
+    return name
+
+
+def original_implementation(config) -> str:
+    """The implementation a (possibly dispatching) config runs outside :func:`varlen_call`."""
+    current = config._attn_implementation or "eager"
+    return current[len(DISPATCH_PREFIX):] if current.startswith(DISPATCH_PREFIX) else current

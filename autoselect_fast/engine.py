@@ -1,25 +1,31 @@
-"""The inference engine: pruned prefill and greedy generation on LLaVA-1.5 / LLaVA-NeXT.
+"""The inference engine: pruned, packed prefill and generation on LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
 
-This module owns the request flow around a frozen transformers VLM (DESIGN.md sections 1, 3 and 5):
+This module owns the request flow around a frozen transformers VLM (DESIGN.md sections 1, 3 and 5).
+Every model goes through the same stages; what differs per model (image processing, features, token
+layout, projector/merger, 1-D or M-RoPE positions) is asked of its adapter in ``autoselect_fast.models``:
 
-1. :meth:`AutoSelectEngine.prepare` (host work, untimed): image processing, tokenisation, expansion
-   of the image placeholder, argument checks, full-sequence positions of every visual token.
-2. :meth:`AutoSelectEngine.encode_images`: pre-projector vision features of each image, tokens in
-   sequence order (``models/``).
-3. :meth:`AutoSelectEngine.prune`: Scorer (scores cached per image) + hard top-K selection.
+1. :meth:`AutoSelectEngine.prepare` (host work, untimed): argument checks, tokenisation, image
+   processing, expansion of every image placeholder, the full-sequence (unpruned) positions of every
+   request as the unmodified model computes them (``adapter.sequence_positions``).
+2. :meth:`AutoSelectEngine.encode_images`: pre-projector features of every image of the batch, tokens
+   in sequence order, one vision call (``adapter.encode``).
+3. :meth:`AutoSelectEngine.prune`: Scorer (scores cached per image) + hard top-K selection per image.
 4. :meth:`AutoSelectEngine.pack`: projector on the kept tokens only, LLaVA-NeXT newlines, text
-   embeddings, position ids (``original`` or ``compact``), one varlen batch (``autoselect_fast.packing``).
+   embeddings, position ids (``original``: the full-sequence positions gathered at the kept columns;
+   ``compact``: renumbered), one varlen batch (``autoselect_fast.packing``).
 5. :meth:`AutoSelectEngine.prefill_packed`: the language model over the packed batch with the varlen
    attention backend (``autoselect_fast.attention``); ``lm_head`` only on each request's last token.
 
 :meth:`AutoSelectEngine.prefill` runs 1-5 and reports a timing breakdown; :meth:`AutoSelectEngine.generate`
-continues greedily from the packed prefill's KV cache with an ordinary left-padded batch. Model-specific
-code lives in ``autoselect_fast.models``; this module is model-agnostic.
+decodes (greedy or sampling, per-request stop tokens and lengths) from the packed prefill's KV cache,
+which holds the kept tokens only. An engine may be called from several threads at once (see
+``docs/engine.md``, "Threads").
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
+import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -31,7 +37,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_choice
-from .attention import ATTENTION_BACKENDS, REGISTERED_NAMES, register_varlen_attention, resolve_backend
+from .attention import ATTENTION_BACKENDS, install_dispatch, resolve_backend, varlen_call
 from .models import ImageLayout, VLMAdapter, get_adapter
 from .packing import PackedBatch
 from .reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
@@ -46,15 +52,32 @@ Prompt = Union[str, Sequence[int], Tensor]
 # Public data types
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class Request:
-    """One prompt about one image.
+class ImageInput:
+    """One already processed image for :attr:`Request.images`.
 
-    Give the image as a Pillow image (``image``, processed by the engine's image processor) or as
-    already processed ``pixel_values`` of that one image (LLaVA-1.5: ``(3, H, W)`` or ``(1, 3, H, W)``;
-    LLaVA-NeXT: ``(tiles, 3, h, w)`` or ``(1, tiles, 3, h, w)`` plus ``image_sizes`` = original
-    ``(height, width)``). ``prompt`` is a list/tensor of token ids containing the model's image token
-    once (the engine expands it) or as the already expanded run, or a string when the engine has a
-    tokenizer. ``image_id`` keys the score cache; by default the pixel tensor's bytes are hashed.
+    ``pixel_values`` as the model's image processor returns them for this one image, ``image_size`` what
+    the model needs besides (LLaVA-1.5: nothing; LLaVA-NeXT: the original ``(height, width)``;
+    Qwen2.5-VL: ``image_grid_thw`` ``(t, h, w)``), ``image_id`` the score-cache key (default: pixel hash).
+    """
+
+    pixel_values: Tensor
+    image_size: Any = None
+    image_id: Optional[Hashable] = None
+
+
+@dataclass
+class Request:
+    """One prompt with zero, one or several images, and its generation limits.
+
+    One image: ``image`` (a Pillow image, processed by the engine's image processor) or processed
+    ``pixel_values`` of that image plus ``image_sizes`` (see :class:`ImageInput` for what each model
+    needs) and an optional ``image_id``. Several images: ``images=[...]``, each a Pillow image or an
+    :class:`ImageInput`, in the order of their placeholders. No image: a text-only request.
+
+    ``prompt`` is a list/tensor of token ids or a string (with a tokenizer/processor given to the
+    engine). It holds one run of the model's image token per image, in order: one placeholder token
+    (the engine expands it) or the already expanded run. ``max_new_tokens`` and ``stop_token_ids``
+    override / extend the defaults of :meth:`AutoSelectEngine.generate` for this request.
     """
 
     prompt: Prompt
@@ -62,30 +85,49 @@ class Request:
     pixel_values: Optional[Tensor] = None
     image_sizes: Any = None
     image_id: Optional[Hashable] = None
+    images: Optional[Sequence[Any]] = None
+    max_new_tokens: Optional[int] = None
+    stop_token_ids: Optional[Sequence[int]] = None
+    videos: Any = None
 
 
 @dataclass
 class PreparedBatch:
     """Output of :meth:`AutoSelectEngine.prepare`: everything host-side the later stages need.
 
-    ``text_ids`` are all requests' text tokens with the image placeholder removed, request after
-    request (``text_cu_seqlens``); the image goes after ``insert_at[r]`` of request r's text tokens.
-    ``token_positions`` ``(ΣN,)`` are the full-sequence (unpruned) positions of every visual token.
+    Requests: ``text_ids`` are all requests' text tokens with the image placeholders removed, request
+    after request (``text_cu_seqlens``); ``full_positions[r]`` ``(rows, L_r)`` are the positions the
+    unmodified model gives request r's full (unpruned) sequence (rows = 1, or 3 for M-RoPE).
+    Images (all images of the batch, request after request): image i belongs to request
+    ``image_request[i]`` and goes after ``insert_at[i]`` of its request's text tokens.
+    ``token_positions`` ``(ΣN,)`` or ``(3, ΣN)`` are the full-sequence positions of every visual token.
     """
 
     text_ids: Tensor
     text_cu_seqlens: Tensor
+    image_request: Tensor
     insert_at: Tensor
     pixel_values: list[Tensor]
-    image_sizes: list[Optional[tuple[int, int]]]
+    image_sizes: list[Any]
     layouts: list[ImageLayout]
     image_keys: list[Hashable]
     budgets: list[int]
     token_positions: Tensor
+    full_positions: list[Tensor]
+    max_new_tokens: list[Optional[int]] = field(default_factory=list)
+    stop_token_ids: list[frozenset] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
+        return self.text_cu_seqlens.numel() - 1
+
+    @property
+    def num_images(self) -> int:
         return len(self.layouts)
+
+    def images_of(self, request: int) -> list[int]:
+        """Indices of request ``request``'s images, in sequence order."""
+        return [i for i, r in enumerate(self.image_request.tolist()) if r == request]
 
 
 @dataclass
@@ -115,11 +157,13 @@ class PrefillOutput:
 
     Attributes:
         logits: ``(B, vocab)`` logits of the first generated token.
-        kept_tokens: per request, visual tokens kept (K; newlines not counted).
-        visual_tokens: per request, visual tokens of the image before pruning (N).
+        kept_tokens: per request, visual tokens kept over all its images (ΣK; newlines not counted).
+        visual_tokens: per request, visual tokens of its images before pruning (ΣN).
         sequence_lengths: per request, tokens in the pruned LLM sequence (text + kept tokens + kept newlines).
-        next_positions: ``(B,)`` position id of the first generated token (largest position + 1).
-        kept_indices: per request, ascending indices of the kept tokens in ``[0, N)``.
+        next_positions: ``(B,)`` position id of the first generated token (largest position + 1, over
+            all rows for M-RoPE); decoding uses it on every row and counts up by one.
+        kept_indices: per image of the batch (request after request), ascending kept token indices in ``[0, N_i)``.
+        image_request: per image of the batch, the request it belongs to.
         timings_ms: ``vision`` (vision tower + feature arrangement), ``prune`` (Scorer + selection),
             ``pack`` (projector on kept tokens, embeddings, positions, packing), ``prefill`` (LLM forward
             + lm_head on the last tokens), ``total``. Measured with CUDA synchronisation on a GPU.
@@ -131,6 +175,7 @@ class PrefillOutput:
     sequence_lengths: list[int]
     next_positions: Tensor
     kept_indices: list[Tensor]
+    image_request: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -227,24 +272,17 @@ class _Stopwatch:
         self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
-@contextmanager
-def _attn_implementation(config, name: str):
-    """Run the language model with attention implementation ``name``, then restore the previous one."""
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 def pixel_key(pixel_values: Tensor, image_size) -> str:
-    """Cache key of an image: a hash of its pixel bytes, dtype, shape (and LLaVA-NeXT image size)."""
+    """Cache key of an image: a hash of its pixel bytes, dtype, shape (and the model's image size)."""
     t = pixel_values.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}|{image_size}|".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _token_ids(prompt: Prompt, tokenizer, index: int) -> list[int]:
@@ -258,43 +296,166 @@ def _token_ids(prompt: Prompt, tokenizer, index: int) -> list[int]:
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
             raise TypeError(f"prompt of request {index} must be a 1-D integer tensor of token ids, got {prompt.dtype} of shape {tuple(prompt.shape)}")
         return prompt.tolist()
-    if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, Sequence) and all(_is_int(t) for t in prompt):
         return list(prompt)
     raise TypeError(f"prompt of request {index} must be a string, a list of int token ids or an integer tensor, got {type(prompt).__name__}")
 
 
-def _find_image_run(ids: list[int], image_token_id: int, index: int) -> tuple[int, int]:
-    """``(start, length)`` of the single contiguous run of image tokens in ``ids``."""
-    where = [i for i, t in enumerate(ids) if t == image_token_id]
-    if not where:
-        raise ValueError(f"prompt of request {index} has no image token (id {image_token_id}); put the image placeholder where the image goes")
-    start, length = where[0], len(where)
-    if where[-1] - start + 1 != length:
-        runs = sum(1 for a, b in zip([-2] + where, where) if b != a + 1)
-        raise ValueError(f"prompt of request {index} has {runs} separate image-token runs but the request carries one image; use one placeholder")
-    return start, length
+def _check_token_ids(ids: list[int], vocab_size: int, refused: dict[int, str], index: int) -> None:
+    if not ids:
+        raise ValueError(f"prompt of request {index} is empty; every request needs at least one token")
+    for j, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt of request {index} holds token id {t} at index {j}, outside the vocabulary: allowed 0 <= id < {vocab_size}")
+        if t in refused:
+            raise ValueError(f"prompt of request {index} holds token id {t} at index {j}: {refused[t]}")
+
+
+def _image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of every maximal run of image tokens in ``ids``."""
+    runs: list[tuple[int, int]] = []
+    for j, t in enumerate(ids):
+        if t != image_token_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((j, 1))
+    return runs
+
+
+def _check_max_new_tokens(name: str, value) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _stop_set(name: str, value) -> frozenset:
+    """Stop tokens as a set of ints: ``None``, one int or a sequence of ints."""
+    if value is None:
+        return frozenset()
+    if _is_int(value):
+        return frozenset([value])
+    if isinstance(value, Tensor):
+        value = value.tolist() if not value.dtype.is_floating_point else [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(_is_int(t) for t in value):
+        raise TypeError(f"{name} must be an int token id or a list of int token ids, got {value!r}")
+    return frozenset(value)
+
+
+def _text_columns(text_len: int, insert_at: Sequence[int], spans: Sequence[int]) -> tuple[Tensor, list[int]]:
+    """Columns of a request's text tokens and first columns of its images in the sequence
+    ``text[:a_0], image 0 (spans[0] columns), text[a_0:a_1], image 1, ...``."""
+    shift = torch.zeros(text_len + 1, dtype=torch.int64)
+    starts, before = [], 0
+    for a, span in zip(insert_at, spans):
+        shift[a] += span
+        starts.append(a + before)
+        before += span
+    return torch.arange(text_len) + shift.cumsum(0)[:text_len], starts
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Logits for sampling: divided by ``temperature``, then all but the ``top_k`` best and all outside
+    the ``top_p`` nucleus set to -inf (the order and rules of transformers' temperature, top-k and
+    top-p warpers; the best token always survives)."""
+    x = logits.float() / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(x, dim=-1)
+        cumulative = ascending.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[..., -1] = False
+        x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return x
+
+
+def sample_next_tokens(logits: Tensor, *, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> Tensor:
+    """``(B,)`` next tokens: argmax, or one draw per row from the filtered distribution with that row's generator."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    generators = generators or [None] * probs.shape[0]
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p, seed, batch_size: Optional[int] = None) -> None:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and not _is_int(seed):
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence) or not all(s is None or _is_int(s) for s in seed):
+            raise TypeError(f"seed must be None, an int or a list with an int (or None) per request, got {seed!r}")
+
+
+@dataclass
+class _ImageEntry:
+    image: Any
+    pixel_values: Optional[Tensor]
+    image_size: Any
+    image_id: Optional[Hashable]
+
+
+def _image_entries(req: Request, index: int) -> list[_ImageEntry]:
+    """The request's images, in placeholder order (no processing yet)."""
+    if req.videos is not None:
+        raise ValueError(f"request {index} has videos: video input is not supported yet; give still images")
+    if req.images is not None:
+        if req.image is not None or req.pixel_values is not None or req.image_sizes is not None:
+            raise ValueError(f"request {index} gives images=[...] and image/pixel_values/image_sizes; give several images as images=[...] only (ImageInput for processed pixels)")
+        if isinstance(req.images, (str, Tensor)) or not isinstance(req.images, Sequence):
+            raise TypeError(f"images of request {index} must be a list of Pillow images / ImageInput, got {type(req.images).__name__}")
+        entries = []
+        for item in req.images:
+            if isinstance(item, ImageInput):
+                entries.append(_ImageEntry(None, item.pixel_values, item.image_size, item.image_id))
+            elif isinstance(item, Tensor):
+                entries.append(_ImageEntry(None, item, None, None))
+            else:
+                entries.append(_ImageEntry(item, None, None, None))
+        return entries
+    if req.image is not None and req.pixel_values is not None:
+        raise ValueError(f"request {index} must carry each image once: give image (Pillow) or pixel_values, not both")
+    if req.image is not None:
+        return [_ImageEntry(req.image, None, None, req.image_id)]
+    if req.pixel_values is not None:
+        return [_ImageEntry(None, req.pixel_values, req.image_sizes, req.image_id)]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
 class AutoSelectEngine:
-    """AutoSelect pruning around a ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``.
+    """AutoSelect pruning around a LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL model (``autoselect_fast.models``).
 
     Args:
         model: the transformers model (any device / dtype; put in eval mode by the engine).
         scorer: a :class:`autoselect_fast.modules.Scorer` reading the model's pre-projector features
-            (moved to the model's device; its dtype is kept and features are cast to it).
-        keep: visual tokens to keep per image (K), or ``None``.
+            (``adapter.feature_dim`` wide; moved to the model's device, features are cast to its dtype).
+        keep: visual tokens to keep per image (K), or ``None``. LLaVA: ``keep > N`` is an error;
+            Qwen2.5-VL (N follows the resolution): clipped to N.
         keep_ratio: alternatively a fraction of each image's N: ``K = max(1, round(keep_ratio * N))``.
             With neither, every token is kept (the full model through the same path).
         position_mode: ``"original"`` (kept tokens and later text keep their full-sequence positions)
-            or ``"compact"`` (the pruned sequence is renumbered 0, 1, 2, ...).
+            or ``"compact"`` (the pruned sequence is renumbered 0, 1, 2, ..., on every M-RoPE row).
         selection_backend: ``"auto"`` | ``"ops"`` | ``"reference"`` (see :func:`resolve_selection_backend`).
         attention_backend: ``"auto"`` | ``"flash_attn"`` | ``"torch_varlen"`` | ``"sdpa"`` for the packed prefill.
         image_processor: processor for Pillow images; default: the model's processor class built from its config.
         tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
         score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
+
+    The language model's config is pointed once at a dispatching attention implementation
+    (``autoselect_fast.attention.install_dispatch``): the model's own implementation for every ordinary
+    call, the varlen backend inside this engine's packed prefill only, decided per call and thread.
     """
 
     def __init__(
@@ -320,7 +481,7 @@ class AutoSelectEngine:
         self.scorer = scorer.to(self.device).eval()
         if keep is not None and keep_ratio is not None:
             raise ValueError(f"give keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={keep_ratio!r})")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and (not _is_int(keep) or keep < 1):
             raise ValueError(f"keep must be an int >= 1 (or None to keep every token), got {keep!r}")
         if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
             raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
@@ -328,19 +489,19 @@ class AutoSelectEngine:
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         self.attention_backend = resolve_backend(attention_backend, self.device, self.adapter.language_model.dtype)
-        register_varlen_attention()
-        self.attention_name = REGISTERED_NAMES[self.attention_backend]
+        install_dispatch(self.adapter.language_model.config)
         self.selection_backend, self._select = resolve_selection_backend(selection_backend, self.device)
         self.packer_backend, self._pack = resolve_packer(self.device)
         self.image_processor = image_processor
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        if isinstance(score_cache_size, bool) or not isinstance(score_cache_size, int) or score_cache_size < 0:
+        if not _is_int(score_cache_size) or score_cache_size < 0:
             raise ValueError(f"score_cache_size must be an int >= 0, got {score_cache_size!r}")
         self.score_cache_size = score_cache_size
         self._score_cache: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # guards the score cache, its counters and the lazy image processor
         self.scorer_calls = 0  # forward calls of the Scorer (one per batch of uncached images)
         self.scored_images = 0  # images the Scorer has scored
-        self.last_prefill: Optional[PrefillOutput] = None  # the prefill of the latest generate() call
+        self.last_prefill: Optional[PrefillOutput] = None  # the prefill of the latest generate() call (any thread)
         lm_params = inspect.signature(self.adapter.language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # renamed in transformers 5.2x
 
@@ -348,9 +509,11 @@ class AutoSelectEngine:
     # Budget
     # ---------------------------------------------------------------------------------------------
     def budget(self, num_tokens: int) -> int:
-        """K for an image of ``num_tokens`` visual tokens; ValueError when ``keep`` exceeds it."""
+        """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
         if self.keep is not None:
             if self.keep > num_tokens:
+                if self.adapter.clips_keep_to_tokens:
+                    return num_tokens
                 raise ValueError(f"keep={self.keep} exceeds the image's {num_tokens} visual tokens; allowed: 1 <= keep <= {num_tokens}")
             return self.keep
         if self.keep_ratio is not None:
@@ -360,53 +523,96 @@ class AutoSelectEngine:
     # ---------------------------------------------------------------------------------------------
     # Stage 1: host-side preparation
     # ---------------------------------------------------------------------------------------------
+    def _image_processor(self):
+        with self._lock:
+            if self.image_processor is None:
+                self.image_processor = self.adapter.default_image_processor()
+            return self.image_processor
+
     def prepare(self, requests: Union[Request, Sequence[Request]]) -> PreparedBatch:
-        """Validate and tokenise requests, process images, expand placeholders, compute positions."""
+        """Validate and tokenise requests, process images, expand placeholders, compute positions.
+
+        Every request is checked (types, token ids, placeholders against images, limits) before the
+        first image is processed.
+        """
         if isinstance(requests, Request):
             requests = [requests]
         if isinstance(requests, (str, Tensor)) or not isinstance(requests, Sequence) or not requests:
             raise TypeError(f"requests must be a non-empty list of Request, got {type(requests).__name__}")
-        image_token = self.adapter.image_token_id
-        text, lengths, insert_at, pixels, sizes, layouts, keys, budgets, positions = [], [], [], [], [], [], [], [], []
+        adapter, image_token = self.adapter, self.adapter.image_token_id
+        parsed = []
         for i, req in enumerate(requests):
             if not isinstance(req, Request):
                 raise TypeError(f"requests[{i}] must be a Request, got {type(req).__name__}")
-            if (req.image is None) == (req.pixel_values is None):
-                raise ValueError(f"request {i} must carry exactly one image: give image (Pillow) or pixel_values, not {'both' if req.image is not None else 'neither'}")
+            entries = _image_entries(req, i)
             ids = _token_ids(req.prompt, self.tokenizer, i)
-            start, run = _find_image_run(ids, image_token, i)
-            if req.image is not None:
-                if self.image_processor is None:
-                    self.image_processor = self.adapter.default_image_processor()
-                pv, size = self.adapter.process_image(req.image, self.image_processor)
-            else:
-                pv, size = self.adapter.check_pixel_values(req.pixel_values, req.image_sizes)
-            layout = self.adapter.layout(size)
-            if run not in (1, layout.num_slots):
+            _check_token_ids(ids, adapter.vocab_size, adapter.unsupported_token_ids, i)
+            runs = _image_runs(ids, image_token)
+            if entries and not runs:
+                raise ValueError(f"prompt of request {i} has no image token (id {image_token}) but the request carries {len(entries)} image(s); put one placeholder where each image goes")
+            if len(runs) != len(entries):
                 raise ValueError(
-                    f"prompt of request {i} has a run of {run} image tokens; give one placeholder token or the "
-                    f"expanded run of {layout.num_slots} tokens this image takes"
+                    f"prompt of request {i} has {len(runs)} separate image-token runs but the request carries {len(entries)} "
+                    "image(s); give one placeholder (or expanded run) per image, images separated by other tokens"
                 )
-            budgets.append(self.budget(layout.num_tokens))
-            ids = ids[:start] + ids[start + run:]
-            text.extend(ids)
-            lengths.append(len(ids))
-            insert_at.append(start)
-            pixels.append(pv)
-            sizes.append(size)
-            layouts.append(layout)
-            keys.append(req.image_id if req.image_id is not None else pixel_key(pv, size))
-            positions.append(start + layout.token_slot)
+            if req.max_new_tokens is not None:
+                _check_max_new_tokens(f"max_new_tokens of request {i}", req.max_new_tokens)
+            parsed.append((ids, runs, entries, req.max_new_tokens, _stop_set(f"stop_token_ids of request {i}", req.stop_token_ids)))
+
+        text, lengths, full_positions, token_positions = [], [], [], []
+        image_request, insert_at, pixels, sizes, layouts, keys, budgets = [], [], [], [], [], [], []
+        for r, (ids, runs, entries, _, _) in enumerate(parsed):
+            own_text, own_insert, own_sizes, own_layouts, done = [], [], [], [], 0
+            for (start, run), entry in zip(runs, entries):
+                if entry.image is not None:
+                    pv, size = adapter.process_image(entry.image, self._image_processor())
+                else:
+                    pv, size = adapter.check_pixel_values(entry.pixel_values, entry.image_size)
+                layout = adapter.layout(size)
+                if run not in (1, layout.num_slots):
+                    raise ValueError(
+                        f"prompt of request {r} has a run of {run} image tokens; give one placeholder token or the "
+                        f"expanded run of {layout.num_slots} tokens this image takes"
+                    )
+                budgets.append(self.budget(layout.num_tokens))
+                own_text.extend(ids[done:start])
+                done = start + run
+                own_insert.append(len(own_text))
+                own_sizes.append(size)
+                own_layouts.append(layout)
+                image_request.append(r)
+                pixels.append(pv)
+                keys.append(entry.image_id if entry.image_id is not None else pixel_key(pv, size))
+            own_text.extend(ids[done:])
+            # The full (unpruned) sequence as the model sees it, and the positions it would give it.
+            spans = [layout.num_slots for layout in own_layouts]
+            columns, starts = _text_columns(len(own_text), own_insert, spans)
+            expanded = torch.full((len(own_text) + sum(spans),), image_token, dtype=torch.int64)
+            expanded[columns] = torch.tensor(own_text, dtype=torch.int64)
+            full = adapter.sequence_positions(expanded, own_sizes)
+            full_positions.append(full)
+            token_positions.extend(full[:, s + layout.token_slot] for s, layout in zip(starts, own_layouts))
+            text.extend(own_text)
+            lengths.append(len(own_text))
+            insert_at.extend(own_insert)
+            sizes.extend(own_sizes)
+            layouts.extend(own_layouts)
+        rows = adapter.position_rows
+        visual_positions = torch.cat(token_positions, dim=1) if token_positions else torch.zeros(rows, 0, dtype=torch.int64)
         return PreparedBatch(
             text_ids=torch.tensor(text, dtype=torch.int64),
             text_cu_seqlens=cu_seqlens_from_lengths(lengths),
+            image_request=torch.tensor(image_request, dtype=torch.int64),
             insert_at=torch.tensor(insert_at, dtype=torch.int64),
             pixel_values=pixels,
             image_sizes=sizes,
             layouts=layouts,
             image_keys=keys,
             budgets=budgets,
-            token_positions=torch.cat(positions),
+            token_positions=visual_positions[0] if rows == 1 else visual_positions,
+            full_positions=full_positions,
+            max_new_tokens=[p[3] for p in parsed],
+            stop_token_ids=[p[4] for p in parsed],
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -415,6 +621,8 @@ class AutoSelectEngine:
     @torch.inference_mode()
     def encode_images(self, pixel_values: Sequence[Tensor], image_sizes: Optional[Sequence] = None) -> list[Tensor]:
         """Pre-projector features ``(N_i, d_v)`` per image, tokens in sequence order (one vision call)."""
+        if not pixel_values:
+            return []
         if image_sizes is None:
             image_sizes = [None] * len(pixel_values)
         return self.adapter.encode(pixel_values, image_sizes)
@@ -429,28 +637,40 @@ class AutoSelectEngine:
         if len(keys) != len(features):
             raise ValueError(f"keys must have one entry per image ({len(features)}), got {len(keys)}")
         scores: list[Optional[Tensor]] = [None] * len(features)
-        for i, key in enumerate(keys):
-            if key is not None and key in self._score_cache:
-                self._score_cache.move_to_end(key)
-                scores[i] = self._score_cache[key]
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key is not None and key in self._score_cache:
+                    self._score_cache.move_to_end(key)
+                    scores[i] = self._score_cache[key]
         missing = [i for i, s in enumerate(scores) if s is None]
         if missing:
             dtype = next(self.scorer.parameters()).dtype
             flat = torch.cat([features[i] for i in missing]).to(dtype)
             cu = cu_seqlens_from_lengths([features[i].shape[0] for i in missing]).to(flat.device)
             fresh = self.scorer(flat, cu).float()
-            self.scorer_calls += 1
-            self.scored_images += len(missing)
-            for i, s in zip(missing, fresh.split(cu.diff().tolist())):
-                scores[i] = s
-                if keys[i] is not None and self.score_cache_size:
-                    self._score_cache[keys[i]] = s
-                    while len(self._score_cache) > self.score_cache_size:
-                        self._score_cache.popitem(last=False)
+            with self._lock:
+                self.scorer_calls += 1
+                self.scored_images += len(missing)
+                for i, s in zip(missing, fresh.split([features[i].shape[0] for i in missing])):
+                    scores[i] = s
+                    if keys[i] is not None and self.score_cache_size:
+                        self._score_cache[keys[i]] = s
+                        while len(self._score_cache) > self.score_cache_size:
+                            self._score_cache.popitem(last=False)
         return scores
 
     def clear_score_cache(self) -> None:
-        self._score_cache.clear()
+        with self._lock:
+            self._score_cache.clear()
+
+    def _no_images(self) -> PruneResult:
+        """The prune result of a batch without images (text-only requests)."""
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        rows = self.adapter.position_rows
+        positions = empty if rows == 1 else empty.view(1, 0).expand(rows, 0)
+        selection = Selection(indices=empty, features=torch.zeros(0, self.adapter.feature_dim, device=self.device),
+                              position_ids=positions, cu_seqlens=torch.zeros(1, dtype=torch.int64, device=self.device))
+        return PruneResult(scores=torch.zeros(0, device=self.device), token_cu_seqlens=torch.zeros(1, dtype=torch.int64), selection=selection)
 
     @torch.inference_mode()
     def prune(
@@ -467,8 +687,10 @@ class AutoSelectEngine:
             features: per image ``(N_i, d_v)`` (from :meth:`encode_images`).
             budgets: K per image; default from the engine's ``keep`` / ``keep_ratio``.
             keys: score-cache key per image (``None``: not cached).
-            positions: ``(ΣN,)`` full-sequence positions of the tokens; default 0..N_i-1 per image.
+            positions: ``(ΣN,)`` or ``(3, ΣN)`` full-sequence positions of the tokens; default 0..N_i-1 per image.
         """
+        if not features:
+            return self._no_images()
         if budgets is None:
             budgets = [self.budget(f.shape[0]) for f in features]
         flat = torch.cat(list(features))
@@ -495,45 +717,48 @@ class AutoSelectEngine:
         """The packed varlen batch of the pruned sequences (see ``docs/engine.md`` for the positions)."""
         device = self.device
         kept = pruned.kept_indices()
-        projected = self.adapter.project(pruned.selection.features).split([k.numel() for k in kept])
-        newline = self.adapter.newline_embedding()
-        visual_embeds, visual_positions, visual_lengths = [], [], []
-        for r, (layout, kept_r, proj_r) in enumerate(zip(batch.layouts, kept, projected)):
-            slots, is_newline, _ = layout.kept_slots(kept_r)
-            if bool(is_newline.any()):
-                embeds = proj_r.new_empty(slots.numel(), proj_r.shape[-1])
-                is_newline = is_newline.to(device)
-                embeds[~is_newline] = proj_r
-                embeds[is_newline] = newline.to(proj_r.dtype)
-            else:
-                embeds = proj_r
-            visual_embeds.append(embeds)
-            visual_positions.append(self._visual_positions(int(batch.insert_at[r]), slots))
-            visual_lengths.append(slots.numel())
-        text_positions = self._text_positions(batch, visual_lengths)
         text_embeds = self.adapter.embed_tokens(batch.text_ids.to(device))
-        dtype = text_embeds.dtype
+        slots, visual = [], []
+        if batch.num_images:
+            projected = self.adapter.project(pruned.selection.features).split([k.numel() for k in kept])
+            for layout, kept_i, proj_i in zip(batch.layouts, kept, projected):
+                slots_i, embeds_i = self.adapter.image_slot_embeddings(layout, kept_i, proj_i)
+                slots.append(slots_i)
+                visual.append(embeds_i)
+        text_positions, visual_positions = self._positions(batch, slots)
+        visual_embeds = torch.cat(visual).to(text_embeds.dtype) if visual else text_embeds.new_zeros(0, text_embeds.shape[-1])
         return self._pack(
             text_embeds, batch.text_cu_seqlens, text_positions.to(device),
-            torch.cat(visual_embeds).to(dtype), cu_seqlens_from_lengths(visual_lengths), torch.cat(visual_positions).to(device),
-            torch.arange(batch.batch_size), batch.insert_at,
+            visual_embeds, cu_seqlens_from_lengths([s.numel() for s in slots]), visual_positions.to(device),
+            batch.image_request, batch.insert_at,
         )
 
-    # The two position rules (DESIGN.md section 3), for 1-D positions. A request's sequence is
-    # text[:a], image, text[a:], where the unpruned image spans S slots and the pruned one V.
-    def _visual_positions(self, a: int, slots: Tensor) -> Tensor:
-        if self.position_mode == "original":
-            return a + slots  # kept tokens/newlines keep their slots: gaps remain
-        return a + torch.arange(slots.numel())
+    def _positions(self, batch: PreparedBatch, slots: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Positions of the text tokens ``(rows, ΣLt)`` and the kept image slots ``(rows, ΣV)`` (DESIGN.md 3).
 
-    def _text_positions(self, batch: PreparedBatch, visual_lengths: list[int]) -> Tensor:
-        parts = []
+        ``original``: each token's column in the full sequence, looked up in the positions the model gives
+        that sequence (gaps remain; M-RoPE rows gathered alike). ``compact``: the column in the pruned
+        sequence, the same on every row. Rows are squeezed away for 1-D positions.
+        """
+        rows = self.adapter.position_rows
+        text_parts, visual_parts = [], [None] * batch.num_images
         for r, (s, e) in enumerate(reference.segment_bounds(batch.text_cu_seqlens)):
-            a = int(batch.insert_at[r])
-            span = batch.layouts[r].num_slots if self.position_mode == "original" else visual_lengths[r]
-            j = torch.arange(e - s)
-            parts.append(j + (j >= a) * span)
-        return torch.cat(parts)
+            images = batch.images_of(r)
+            insert_at = [int(batch.insert_at[i]) for i in images]
+            if self.position_mode == "original":
+                columns, starts = _text_columns(e - s, insert_at, [batch.layouts[i].num_slots for i in images])
+                full = batch.full_positions[r]
+                text_parts.append(full[:, columns])
+                for i, start in zip(images, starts):
+                    visual_parts[i] = full[:, start + slots[i]]
+            else:
+                columns, starts = _text_columns(e - s, insert_at, [slots[i].numel() for i in images])
+                text_parts.append(columns.expand(rows, -1))
+                for i, start in zip(images, starts):
+                    visual_parts[i] = (start + torch.arange(slots[i].numel())).expand(rows, -1)
+        text = torch.cat(text_parts, dim=1)
+        visual = torch.cat(visual_parts, dim=1) if visual_parts else torch.zeros(rows, 0, dtype=torch.int64)
+        return (text[0], visual[0]) if rows == 1 else (text.contiguous(), visual.contiguous())
 
     # ---------------------------------------------------------------------------------------------
     # Stage 5: LLM prefill over the packed batch
@@ -545,12 +770,13 @@ class AutoSelectEngine:
         ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given.
         """
         lm = self.adapter.language_model
+        install_dispatch(lm.config)  # a no-op unless the model's implementation was switched since
         cu = packed.cu_seqlens.to(device=self.device, dtype=torch.int32)
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
-        with _attn_implementation(lm.config, self.attention_name):
+        with varlen_call(self.attention_backend):
             hidden = lm(
                 inputs_embeds=packed.embeds[None],
-                position_ids=packed.position_ids[None],
+                position_ids=packed.position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
                 attention_mask=None,
                 cu_seq_lens_q=cu,
                 cu_seq_lens_k=cu,
@@ -570,8 +796,8 @@ class AutoSelectEngine:
         out, _, _ = self._prefill(requests, cache=None)
         return out
 
-    def _prefill(self, requests, cache) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
-        batch = self.prepare(requests)
+    def _prefill(self, requests, cache, batch: Optional[PreparedBatch] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+        batch = self.prepare(requests) if batch is None else batch
         clock = _Stopwatch(self.device)
         with clock.stage("vision"):
             features = self.encode_images(batch.pixel_values, batch.image_sizes)
@@ -584,57 +810,93 @@ class AutoSelectEngine:
         clock.ms["total"] = sum(clock.ms.values())
         lengths = packed.cu_seqlens.diff().tolist()
         request_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), packed.cu_seqlens.diff().to(self.device).long())
+        token_max = packed.position_ids.view(-1, packed.embeds.shape[0]).amax(0)  # over the M-RoPE rows
         largest = torch.full((len(lengths),), -1, dtype=torch.int64, device=self.device)
-        largest = largest.scatter_reduce(0, request_of_token, packed.position_ids, reduce="amax")
+        largest = largest.scatter_reduce(0, request_of_token, token_max, reduce="amax")
+        image_request = batch.image_request.tolist()
+        kept_tokens, visual_tokens = [0] * batch.batch_size, [0] * batch.batch_size
+        for r, k, layout in zip(image_request, batch.budgets, batch.layouts):
+            kept_tokens[r] += k
+            visual_tokens[r] += layout.num_tokens
         output = PrefillOutput(
             logits=logits,
-            kept_tokens=list(batch.budgets),
-            visual_tokens=[layout.num_tokens for layout in batch.layouts],
+            kept_tokens=kept_tokens,
+            visual_tokens=visual_tokens,
             sequence_lengths=lengths,
             next_positions=largest + 1,
             kept_indices=pruned.kept_indices(),
+            image_request=image_request,
             timings_ms=clock.ms,
         )
         return output, packed, batch
 
     @torch.inference_mode()
-    def generate(self, requests: Union[Request, Sequence[Request]], max_new_tokens: int = 32, eos_token_id: Optional[Union[int, Sequence[int]]] = None) -> list[list[int]]:
-        """Greedy decoding after a pruned, packed prefill; returns the new token ids per request.
+    def generate(
+        self,
+        requests: Union[Request, Sequence[Request]],
+        max_new_tokens: int = 32,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: Optional[Union[int, Sequence[Optional[int]]]] = None,
+    ) -> list[list[int]]:
+        """Decoding after a pruned, packed prefill; returns the new token ids per request.
 
-        A request stops after emitting an ``eos_token_id`` (included in its output). The KV cache holds
-        only the kept tokens; decoding continues at each request's largest position + 1.
+        Args:
+            max_new_tokens: default limit; ``Request.max_new_tokens`` overrides it per request.
+            eos_token_id: stop token(s) of every request; ``Request.stop_token_ids`` adds its own. A
+                request stops after emitting one of its stop tokens (included in its output).
+            do_sample: ``False``: greedy (argmax). ``True``: sample from the logits divided by
+                ``temperature``, restricted to the ``top_k`` best (0: all) and the ``top_p`` nucleus.
+            seed: ``None`` (torch's global generator), an int (every request gets its own generator
+                seeded with it, so a request's tokens do not depend on the rest of the batch) or one
+                int/None per request.
+
+        The KV cache holds only the kept tokens; decoding continues at each request's largest position
+        + 1 (every M-RoPE row), one more per step.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        _check_max_new_tokens("max_new_tokens", max_new_tokens)
+        eos = _stop_set("eos_token_id", eos_token_id)
+        _check_sampling(do_sample, temperature, top_k, top_p, seed)
+        batch = self.prepare(requests)
+        b = batch.batch_size
+        if seed is not None and not _is_int(seed) and len(seed) != b:
+            raise ValueError(f"seed must have one entry per request ({b}), got {len(seed)}")
+        limits = [m if m is not None else max_new_tokens for m in batch.max_new_tokens]
+        stops = [eos | own for own in batch.stop_token_ids]
+        seeds = [seed] * b if seed is None or _is_int(seed) else list(seed)
+        generators = [None if s is None else torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
         from transformers import DynamicCache
 
         packed_cache = DynamicCache()
-        first, packed, _ = self._prefill(requests, cache=packed_cache)
+        first, packed, _ = self._prefill(requests, cache=packed_cache, batch=batch)
         self.last_prefill = first
         cache, attention_mask = self._padded_cache(packed_cache, packed.cu_seqlens)
-        b = attention_mask.shape[0]
         positions = first.next_positions.clone()
-        tokens = first.logits.argmax(-1)
+        tokens = sample_next_tokens(first.logits, **sampling)
         outputs: list[list[int]] = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool)
+        done = [False] * b
         lm, embed = self.adapter.language_model, self.adapter.embed_tokens
-        for step in range(max_new_tokens):
+        for _ in range(max(limits)):
             for r, t in enumerate(tokens.tolist()):
                 if not done[r]:
                     outputs[r].append(t)
-                    done[r] = t in eos
-            if step == max_new_tokens - 1 or bool(done.all()):
+                    done[r] = t in stops[r] or len(outputs[r]) >= limits[r]
+            if all(done):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
             hidden = lm(
                 inputs_embeds=embed(tokens)[:, None],
                 attention_mask=attention_mask,
-                position_ids=positions[:, None],
+                position_ids=positions[:, None],  # the same position on every M-RoPE row
                 use_cache=True,
                 **{self._cache_kwarg: cache},
             ).last_hidden_state
-            tokens = self.adapter.lm_head(hidden[:, -1]).argmax(-1)
+            tokens = sample_next_tokens(self.adapter.lm_head(hidden[:, -1]), **sampling)
             positions = positions + 1
         return outputs
 

@@ -352,7 +352,7 @@ def test_llava_next_keep_is_one_budget_over_all_tiles(llava_next, scorer):
 # Argument errors
 # --------------------------------------------------------------------------------------------------
 def test_argument_errors(llava, scorer):
-    with pytest.raises(TypeError, match=r"model must be one of \('LlavaForConditionalGeneration', 'LlavaNextForConditionalGeneration'\), got LlamaForCausalLM"):
+    with pytest.raises(TypeError, match=r"model must be one of \('LlavaForConditionalGeneration', 'LlavaNextForConditionalGeneration', 'Qwen2_5_VLForConditionalGeneration'\), got LlamaForCausalLM"):
         AutoSelectEngine(LlamaForCausalLM(TEXT), scorer)
     with pytest.raises(ValueError, match="input_dim=48.*width 32"):
         AutoSelectEngine(llava, Scorer(ScorerConfig(input_dim=48, hidden_dim=32, num_layers=1, num_heads=4)))
@@ -379,8 +379,26 @@ def test_argument_errors(llava, scorer):
         engine.prefill(Request([1, IMAGE_TOKEN, 2, IMAGE_TOKEN], image=image))
     with pytest.raises(ValueError, match="run of 5 image tokens.*expanded run of 16"):
         engine.prefill(Request([1] + [IMAGE_TOKEN] * 5, image=image))
-    with pytest.raises(ValueError, match="exactly one image"):
+    with pytest.raises(ValueError, match=r"1 separate image-token runs but the request carries 0 image\(s\)"):
         engine.prefill(Request(PROMPTS[0]))
+    with pytest.raises(ValueError, match="give image .Pillow. or pixel_values, not both"):
+        engine.prefill(Request(PROMPTS[0], image=image, pixel_values=torch.zeros(3, 28, 28)))
+    with pytest.raises(ValueError, match=r"token id 128 at index 1, outside the vocabulary: allowed 0 <= id < 128"):
+        engine.prefill(Request([1, 128, IMAGE_TOKEN], image=image))
+    with pytest.raises(ValueError, match=r"token id -1 at index 0, outside the vocabulary"):
+        engine.prefill(Request([-1, IMAGE_TOKEN], image=image))
+    with pytest.raises(TypeError, match=r"stop_token_ids of request 0 must be an int token id or a list of int token ids, got \[2.5\]"):
+        engine.generate(Request(PROMPTS[0], image=image, stop_token_ids=[2.5]))
+    with pytest.raises(TypeError, match="eos_token_id must be an int token id or a list of int token ids"):
+        engine.generate(Request(PROMPTS[0], image=image), eos_token_id="</s>")
+    with pytest.raises(ValueError, match="max_new_tokens of request 0 must be an int >= 1"):
+        engine.generate(Request(PROMPTS[0], image=image, max_new_tokens=0))
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
+        engine.generate(Request(PROMPTS[0], image=image), do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        engine.generate(Request(PROMPTS[0], image=image), do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="video input is not supported yet"):
+        engine.prefill(Request(PROMPTS[0], image=image, videos=[image]))
     with pytest.raises(TypeError, match="needs a tokenizer"):
         engine.prefill(Request("USER: <image> hi", image=image))
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(3, 28, 28\)"):

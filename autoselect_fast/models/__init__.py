@@ -1,18 +1,21 @@
-"""Model integrations: what the engine needs to know about each supported VLM.
+"""Model integrations: what the engine (and the trainer) need to know about each supported VLM.
 
-This package owns the model-specific side of pruning (DESIGN.md section 4): how an image's
-pre-projector features are computed, in which order the model lays an image's tokens out in the LLM
-sequence (:class:`ImageLayout`, including LLaVA-NeXT's ``image_newline`` tokens), and how kept
-features are projected. The engine (``autoselect_fast.engine``) is model-agnostic and talks to a
+This package owns the model-specific side of pruning (DESIGN.md sections 3 and 4): how an image is
+processed, how its pre-projector features are computed (the Scorer's input, tokens in sequence
+order), in which order the model lays an image's tokens out in the LLM sequence (:class:`ImageLayout`,
+including LLaVA-NeXT's ``image_newline`` tokens), how kept features are projected, and which position
+ids the unmodified model gives a full (unpruned) sequence: 1-D for LLaVA, ``(3, L)`` M-RoPE for
+Qwen2.5-VL. The engine (``autoselect_fast.engine``) is model-agnostic and talks to a
 :class:`VLMAdapter`; :func:`get_adapter` picks the adapter for a model instance.
 
-Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5, ``models/llava.py``) and
-``LlavaNextForConditionalGeneration`` (LLaVA-NeXT, ``models/llava_next.py``).
+Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5, ``models/llava.py``),
+``LlavaNextForConditionalGeneration`` (LLaVA-NeXT, ``models/llava_next.py``) and
+``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL, ``models/qwen2_5_vl.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +77,19 @@ class ImageLayout:
 
 
 class VLMAdapter:
-    """Model-specific operations the engine calls; one subclass per supported model class."""
+    """Model-specific operations the engine calls; one subclass per supported model family.
+
+    Images are handled one by one on the host (``process_image`` / ``check_pixel_values`` /
+    ``layout``) and all together on the device (``encode``: one vision call per batch). An image's
+    "size" is whatever the model needs besides its pixels: ``None`` (LLaVA-1.5), the original
+    ``(height, width)`` (LLaVA-NeXT) or the patch grid ``(t, h, w)`` (Qwen2.5-VL).
+    """
+
+    #: Rows of the position ids: 1 (plain 1-D positions) or 3 (M-RoPE: temporal, height, width).
+    position_rows: int = 1
+    #: True when a fixed budget ``keep`` larger than an image's N is clipped to N (models whose N varies
+    #: with the image's resolution); False when it is an error.
+    clips_keep_to_tokens: bool = False
 
     @classmethod
     def model_classes(cls) -> tuple[type, ...]:
@@ -83,12 +98,8 @@ class VLMAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.inner = model.model  # LlavaModel / LlavaNextModel: vision tower, projector, language model
+        self.inner = model.model  # the model without lm_head: vision tower, projector/merger, language model
         self.config = model.config
-        if isinstance(self.config.vision_feature_layer, bool) or not isinstance(self.config.vision_feature_layer, (int, list, tuple)):
-            raise ValueError(f"config.vision_feature_layer must be an int or a list of ints, got {self.config.vision_feature_layer!r}")
-        if self.config.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(f"config.vision_feature_select_strategy must be 'default' or 'full', got {self.config.vision_feature_select_strategy!r}")
 
     # -- parts of the model -------------------------------------------------------------------
     @property
@@ -104,6 +115,11 @@ class VLMAdapter:
         return self.model.get_input_embeddings()
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: ``[0, vocab_size)`` (rows of the input embedding)."""
+        return int(self.embed_tokens.num_embeddings)
+
+    @property
     def image_token_id(self) -> int:
         token = getattr(self.config, "image_token_id", None)
         if token is None:  # older configs call it image_token_index
@@ -111,67 +127,101 @@ class VLMAdapter:
         return int(token)
 
     @property
+    def unsupported_token_ids(self) -> dict[int, str]:
+        """Token ids a prompt must not hold, with the reason (e.g. video placeholders)."""
+        return {}
+
+    @property
     def feature_dim(self) -> int:
         """d_v: width of the pre-projector features the Scorer reads."""
-        layers = self.config.vision_feature_layer
-        return self.config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        return next(self.inner.vision_tower.parameters()).dtype
-
     def newline_embedding(self) -> Optional[Tensor]:
         """``(H,)`` embedding inserted at newline slots, ``None`` for models without newlines."""
         return None
 
-    # -- images ---------------------------------------------------------------------------------
+    # -- images (host) --------------------------------------------------------------------------
     def default_image_processor(self):
         raise NotImplementedError
 
-    def process_image(self, image, image_processor) -> tuple[Tensor, Optional[tuple[int, int]]]:
-        """A Pillow image -> ``(pixel_values of one image, image_size or None)``."""
+    def process_image(self, image, image_processor) -> tuple[Tensor, Any]:
+        """A Pillow image -> ``(pixel_values of one image, image size)``."""
         raise NotImplementedError
 
-    def check_pixel_values(self, pixel_values: Tensor, image_size) -> tuple[Tensor, Optional[tuple[int, int]]]:
+    def check_pixel_values(self, pixel_values: Tensor, image_size) -> tuple[Tensor, Any]:
         """Normalise caller-supplied pixel values of one image (drop a batch dim of 1, check shape)."""
         raise NotImplementedError
 
-    def layout(self, image_size: Optional[tuple[int, int]]) -> ImageLayout:
+    def layout(self, image_size) -> ImageLayout:
         raise NotImplementedError
 
-    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
-        """Pre-projector features ``(N_i, d_v)`` of every image, tokens in sequence order."""
+    # -- images (device) ------------------------------------------------------------------------
+    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
+        """Pre-projector features ``(N_i, d_v)`` of every image, tokens in sequence order (one vision call)."""
         raise NotImplementedError
 
     def project(self, features: Tensor) -> Tensor:
-        """``(K, d_v)`` -> ``(K, H)``. The projector is per-token, so projecting the kept tokens equals
-        keeping the projected ones."""
-        projector = self.inner.multi_modal_projector
-        dtype = next(projector.parameters()).dtype
-        return projector(features.to(dtype))
+        """``(K, d_v)`` -> ``(K, H)``, per token: projecting the kept tokens equals keeping projected ones."""
+        raise NotImplementedError
 
-    # -- shared helpers -------------------------------------------------------------------------
-    def _vision_hidden_states(self, pixel_values: Tensor) -> Tensor:
-        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them."""
-        tower = self.inner.vision_tower
-        out = tower(pixel_values.to(device=self.device, dtype=self.vision_dtype), output_hidden_states=True, return_dict=True)
-        layers = self.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        states = [out.hidden_states[layer] for layer in layers]
-        if self.config.vision_feature_select_strategy == "default":  # drop CLS
-            states = [s[:, 1:] for s in states]
-        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+    # -- sequences ------------------------------------------------------------------------------
+    def sequence_positions(self, input_ids: Tensor, image_sizes: Sequence[Any]) -> Tensor:
+        """``(position_rows, L)`` positions the unmodified model gives the full, expanded sequence.
+
+        ``input_ids`` ``(L,)`` holds every image's full run of image tokens (``layout.num_slots`` each,
+        images in order); ``image_sizes`` has one entry per image. Default: ``0..L-1``.
+        """
+        return torch.arange(input_ids.numel()).view(1, -1)
+
+    def image_slot_embeddings(self, layout: ImageLayout, kept: Tensor, projected: Tensor) -> tuple[Tensor, Tensor]:
+        """The pruned image's slots and their embeddings: kept tokens plus the newlines the rule keeps.
+
+        ``kept`` ``(K,)`` ascending token indices in ``[0, N)``, ``projected`` ``(K, H)`` their projected
+        features. Returns ``(slots (V,), embeds (V, H))``, slots ascending. With ``kept = arange(N)``
+        this is the whole image as the unmodified model feeds it to the LLM.
+        """
+        slots, is_newline, _ = layout.kept_slots(kept)
+        if not bool(is_newline.any()):
+            return slots, projected
+        embeds = projected.new_empty(slots.numel(), projected.shape[-1])
+        is_newline = is_newline.to(projected.device)
+        embeds[~is_newline] = projected
+        embeds[is_newline] = self.newline_embedding().to(projected.dtype)
+        return slots, embeds
+
+    def embed_full_sequence(self, input_ids: Tensor, image_sizes: Sequence[Any], projected: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Input embeddings ``(L, H)`` and positions ``(position_rows, L)`` of one unpruned sequence.
+
+        For a trainer that feeds the frozen LLM its own (e.g. gated and denoised) projected features:
+        ``input_ids`` ``(L,)`` is the expanded sequence, ``projected[i]`` ``(N_i, H)`` image i's
+        projected tokens in sequence order. Newline tokens are inserted by the layout.
+        """
+        image_token = self.image_token_id
+        embeds = self.embed_tokens(input_ids.to(self.device))
+        is_image = (input_ids == image_token).cpu()
+        pieces = []
+        for size, proj in zip(image_sizes, projected):
+            layout = self.layout(size)
+            _, slot_embeds = self.image_slot_embeddings(layout, torch.arange(layout.num_tokens), proj)
+            pieces.append(slot_embeds)
+        visual = torch.cat(pieces).to(embeds.dtype) if pieces else embeds[:0]
+        if visual.shape[0] != int(is_image.sum()):
+            raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but the images take {visual.shape[0]} slots")
+        embeds = embeds.clone()
+        embeds[is_image.to(embeds.device)] = visual
+        return embeds, self.sequence_positions(input_ids.cpu(), image_sizes)
 
 
 def _adapters() -> tuple[type[VLMAdapter], ...]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter
+    from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-    return (LlavaAdapter, LlavaNextAdapter)
+    return (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> tuple[str, ...]:

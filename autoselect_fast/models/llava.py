@@ -16,7 +16,44 @@ from .._validation import FLOAT_DTYPES, check_tensor
 from . import ImageLayout, VLMAdapter
 
 
-class LlavaAdapter(VLMAdapter):
+class LlavaFamilyAdapter(VLMAdapter):
+    """What LLaVA-1.5 and LLaVA-NeXT share: CLIP-style features of ``vision_feature_layer``, a per-token
+    ``multi_modal_projector``, 1-D positions, ``keep > N`` is an error."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        if isinstance(self.config.vision_feature_layer, bool) or not isinstance(self.config.vision_feature_layer, (int, list, tuple)):
+            raise ValueError(f"config.vision_feature_layer must be an int or a list of ints, got {self.config.vision_feature_layer!r}")
+        if self.config.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"config.vision_feature_select_strategy must be 'default' or 'full', got {self.config.vision_feature_select_strategy!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        layers = self.config.vision_feature_layer
+        return self.config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.inner.vision_tower.parameters()).dtype
+
+    def project(self, features: Tensor) -> Tensor:
+        projector = self.inner.multi_modal_projector
+        dtype = next(projector.parameters()).dtype
+        return projector(features.to(dtype))
+
+    def _vision_hidden_states(self, pixel_values: Tensor) -> Tensor:
+        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them."""
+        tower = self.inner.vision_tower
+        out = tower(pixel_values.to(device=self.device, dtype=self.vision_dtype), output_hidden_states=True, return_dict=True)
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        states = [out.hidden_states[layer] for layer in layers]
+        if self.config.vision_feature_select_strategy == "default":  # drop CLS
+            states = [s[:, 1:] for s in states]
+        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+
+
+class LlavaAdapter(LlavaFamilyAdapter):
     @classmethod
     def model_classes(cls) -> tuple[type, ...]:
         from transformers import LlavaForConditionalGeneration

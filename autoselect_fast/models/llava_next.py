@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, VLMAdapter
+from . import ImageLayout
+from .llava import LlavaFamilyAdapter
 
 
 def _image_size_tuple(image_size) -> tuple[int, int]:
@@ -34,7 +35,7 @@ def _image_size_tuple(image_size) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
-class LlavaNextAdapter(VLMAdapter):
+class LlavaNextAdapter(LlavaFamilyAdapter):
     @classmethod
     def model_classes(cls) -> tuple[type, ...]:
         from transformers import LlavaNextForConditionalGeneration
