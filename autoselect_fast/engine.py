@@ -23,8 +23,10 @@ which holds the kept tokens only. An engine may be called from several threads a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -272,6 +274,20 @@ class _Stopwatch:
         self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _one_at_a_time(fn: Callable) -> Callable:
+    """Serialise ``fn`` across threads: Triton's CPU interpreter (TRITON_INTERPRET=1, the test setting)
+    keeps per-launch global state and fails when two threads launch kernels at once."""
+    @functools.wraps(fn)
+    def serialised(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    return serialised
+
+
 def pixel_key(pixel_values: Tensor, image_size) -> str:
     """Cache key of an image: a hash of its pixel bytes, dtype, shape (and the model's image size)."""
     t = pixel_values.detach().contiguous().cpu()
@@ -491,6 +507,8 @@ class AutoSelectEngine:
         self.attention_backend = resolve_backend(attention_backend, self.device, self.adapter.language_model.dtype)
         install_dispatch(self.adapter.language_model.config)
         self.selection_backend, self._select = resolve_selection_backend(selection_backend, self.device)
+        if self.selection_backend == "ops" and os.environ.get("TRITON_INTERPRET") == "1":
+            self._select = _one_at_a_time(self._select)
         self.packer_backend, self._pack = resolve_packer(self.device)
         self.image_processor = image_processor
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)

@@ -1,0 +1,115 @@
+"""One engine, several threads: concurrent prefills/generations and plain calls of the wrapped model.
+
+The engine never switches the language model's attention implementation during a call: the model's
+config names a dispatcher (``autoselect_fast.attention.install_dispatch``) that runs the varlen backend
+only inside the calling thread's packed prefill. Here several threads run many prefills (pruned, of
+different batches) and generations on one engine while other threads call the unmodified model on
+padded batches; every result must equal the serial one, and the model must behave as before afterwards.
+"""
+import threading
+
+import torch
+from test_engine_qwen import BATCH, batch_requests, image_prompt, tiny_qwen, engine_for, processed, scorer  # noqa: F401 (fixtures)
+
+from autoselect_fast.attention import DISPATCH_PREFIX, original_implementation
+from autoselect_fast.engine import AutoSelectEngine
+
+THREADS, ROUNDS = 6, 5
+
+
+def padded_text_batch():
+    """Two text-only prompts of different lengths, left-padded: exercises the model's own mask creation."""
+    a, b = [240, 2, 16, 17, 18, 241, 240, 3], [240, 2, 20, 241, 240, 3]
+    ids = torch.tensor([a, [0, 0] + b])
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def plain_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def run_threads(workers):
+    barrier = threading.Barrier(len(workers))
+    failures = []
+
+    def wrap(fn):
+        def target():
+            barrier.wait()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - reported by the test below
+                failures.append(repr(exc))
+        return target
+
+    threads = [threading.Thread(target=wrap(fn)) for fn in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
+
+
+def test_concurrent_prefills_and_plain_calls(scorer, processed):  # noqa: F811
+    model = tiny_qwen(seed=5)
+    plain = padded_text_batch()
+    before = plain_logits(model, plain)  # before any engine touched the model
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    engine = engine_for(model, scorer, keep_ratio=0.3)
+    assert model.model.language_model.config._attn_implementation == DISPATCH_PREFIX + "sdpa"
+    requests = batch_requests(processed)
+    batches = [requests, requests[:2], requests[2:], [requests[3], requests[0]]]
+    serial = [engine.prefill(b).logits for b in batches]
+    serial_generated = engine.generate(requests[2:], max_new_tokens=4)
+    mismatches = []
+
+    def prefills(offset):
+        def fn():
+            for i in range(ROUNDS):
+                k = (offset + i) % len(batches)
+                got = engine.prefill(batches[k]).logits
+                if not torch.allclose(got, serial[k], rtol=1e-5, atol=1e-5):
+                    mismatches.append(("prefill", k, float((got - serial[k]).abs().max())))
+        return fn
+
+    def generations():
+        for _ in range(2):
+            got = engine.generate(requests[2:], max_new_tokens=4)
+            if got != serial_generated:
+                mismatches.append(("generate", got, serial_generated))
+
+    def plain_calls():
+        for _ in range(ROUNDS):
+            got = plain_logits(model, plain)
+            if not torch.allclose(got, before, rtol=1e-5, atol=1e-5):
+                mismatches.append(("plain", float((got - before).abs().max())))
+
+    workers = [prefills(t) for t in range(THREADS - 3)] + [generations, plain_calls, plain_calls]
+    failures = run_threads(workers)
+    assert failures == [], failures
+    assert mismatches == [], mismatches
+    # The wrapped model still works normally: same logits, its own generate, its own implementation.
+    torch.testing.assert_close(plain_logits(model, plain), before, rtol=1e-5, atol=1e-5)
+    assert original_implementation(model.model.language_model.config) == "sdpa"
+    with torch.no_grad():
+        out = model.generate(**plain, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11)
+
+
+def test_engine_follows_a_later_switch_of_the_models_implementation(scorer, processed):  # noqa: F811
+    model = tiny_qwen(seed=6)
+    engine = engine_for(model, scorer, keep=4)
+    requests = batch_requests(processed)[:2]
+    first = engine.prefill(requests).logits
+    plain = padded_text_batch()
+    sdpa = plain_logits(model, plain)
+    model.model.language_model.config._attn_implementation = "eager"  # the user switches implementation
+    torch.testing.assert_close(plain_logits(model, plain), sdpa, rtol=1e-5, atol=1e-5)  # eager now
+    torch.testing.assert_close(engine.prefill(requests).logits, first, rtol=1e-5, atol=1e-5)
+    assert model.model.language_model.config._attn_implementation == DISPATCH_PREFIX + "eager"
+    torch.testing.assert_close(plain_logits(model, plain), sdpa, rtol=1e-5, atol=1e-5)
+    # A second engine on the same model shares the dispatcher.
+    other = AutoSelectEngine(model, scorer, keep=4, image_processor=engine.image_processor)
+    torch.testing.assert_close(other.prefill(requests).logits, first, rtol=1e-5, atol=1e-5)
+    assert image_prompt(9)[0] == 240 and len(BATCH) == 4
