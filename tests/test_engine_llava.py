@@ -423,3 +423,68 @@ def test_llava_next_processed_pixel_values_equal_pillow_path(llava_next, scorer)
     from_pillow = engine.prefill(Request(PROMPTS[0], image=image))
     torch.testing.assert_close(from_pixels.logits, from_pillow.logits, rtol=0, atol=0)
     assert engine.scorer_calls == 1  # same pixels, same cache key
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving batches on LLaVA: text-only and two-image requests, per-request limits, sampling
+# --------------------------------------------------------------------------------------------------
+def multi_image_reference(model, prompt, image_embeds, kept, mode):
+    """inputs_embeds/positions of a prompt with several images (placeholders in order), kept tokens only."""
+    embed = model.get_input_embeddings()
+    pieces, positions, images, full = [], [], iter(zip(image_embeds, kept)), 0
+    with torch.no_grad():
+        for t in prompt:
+            if t == IMAGE_TOKEN:
+                feats, kept_i = next(images)
+                kept_i = torch.as_tensor(sorted(kept_i))
+                pieces.append(feats[kept_i])
+                positions.append(full + kept_i)
+                full += feats.shape[0]
+            else:
+                pieces.append(embed(torch.tensor([t])))
+                positions.append(torch.tensor([full]))
+                full += 1
+    embeds, positions = torch.cat(pieces), torch.cat(positions)
+    return embeds, positions if mode == "original" else torch.arange(embeds.shape[0])
+
+
+@pytest.mark.parametrize("mode", ["original", "compact"])
+def test_llava_text_only_and_two_image_requests(llava, scorer, mode):
+    from autoselect_fast.engine import ImageInput
+
+    engine = AutoSelectEngine(llava, scorer, keep=5, position_mode=mode)
+    images = [picture(60), picture(61), picture(62)]
+    prompts = [[1, 5, IMAGE_TOKEN, 6, IMAGE_TOKEN, 7, 8], [1, 9, 10, 11], [1, IMAGE_TOKEN, 3]]
+    pixels = processed(engine, images[1])["pixel_values"]
+    requests = [Request(prompts[0], images=[images[0], ImageInput(pixels)]), Request(prompts[1]), Request(prompts[2], image=images[2])]
+    out = engine.prefill(requests)
+    assert out.image_request == [0, 0, 2] and out.kept_tokens == [10, 0, 5] and out.visual_tokens == [32, 0, 16]
+    features = [model_image_features(llava, **processed(engine, image))[0] for image in images]
+    kept = out.kept_indices
+    cases = [(prompts[0], features[:2], kept[:2]), (prompts[1], [], []), (prompts[2], features[2:], kept[2:])]
+    for r, (prompt, feats, kept_r) in enumerate(cases):
+        embeds, positions = multi_image_reference(llava, prompt, feats, [k.tolist() for k in kept_r], mode)
+        assert out.sequence_lengths[r] == embeds.shape[0]
+        torch.testing.assert_close(out.logits[r], reference_logits(llava, embeds, positions), **TOL)
+    generated = engine.generate(requests, max_new_tokens=8)
+    embeds, positions = multi_image_reference(llava, prompts[0], features[:2], [k.tolist() for k in kept[:2]], mode)
+    assert generated[0] == stepwise_greedy(llava, embeds, positions, 8)
+    with torch.no_grad():
+        text_only = llava.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert generated[1] == text_only[0, 4:].tolist()
+
+
+def test_llava_per_request_limits_stop_tokens_and_sampling(llava, scorer):
+    engine = AutoSelectEngine(llava, scorer, keep=6)
+    images = [picture(4), picture(5)]
+    free = engine.generate(build_requests(PROMPTS[:2], images), max_new_tokens=8)
+    requests = build_requests(PROMPTS[:2], images)
+    requests[0].max_new_tokens = 3
+    requests[1].stop_token_ids = [free[1][1]]
+    got = engine.generate(requests, max_new_tokens=8)
+    assert got[0] == free[0][:3] and got[1] == free[1][: free[1].index(free[1][1]) + 1]
+    plain = build_requests(PROMPTS[:2], images)
+    assert engine.generate(plain, max_new_tokens=8, do_sample=True, top_k=1, seed=0) == free
+    sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0, seed=[3, 4])
+    assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0, seed=[3, 4])
+    assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0, seed=4)[0] == sampled[1]
