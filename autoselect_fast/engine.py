@@ -79,7 +79,8 @@ class Request:
     ``prompt`` is a list/tensor of token ids or a string (with a tokenizer/processor given to the
     engine). It holds one run of the model's image token per image, in order: one placeholder token
     (the engine expands it) or the already expanded run. ``max_new_tokens`` and ``stop_token_ids``
-    override / extend the defaults of :meth:`AutoSelectEngine.generate` for this request.
+    override / extend the defaults of :meth:`AutoSelectEngine.generate` for this request; ``seed``
+    seeds this request's own sampling generator (its samples then depend on nothing else in the batch).
     """
 
     prompt: Prompt
@@ -90,6 +91,7 @@ class Request:
     images: Optional[Sequence[Any]] = None
     max_new_tokens: Optional[int] = None
     stop_token_ids: Optional[Sequence[int]] = None
+    seed: Optional[int] = None
     videos: Any = None
 
 
@@ -118,6 +120,7 @@ class PreparedBatch:
     full_positions: list[Tensor]
     max_new_tokens: list[Optional[int]] = field(default_factory=list)
     stop_token_ids: list[frozenset] = field(default_factory=list)
+    seeds: list[Optional[int]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -398,7 +401,7 @@ def sample_next_tokens(logits: Tensor, *, do_sample: bool, temperature: float = 
     return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
 
 
-def _check_sampling(do_sample, temperature, top_k, top_p, seed, batch_size: Optional[int] = None) -> None:
+def _check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -408,8 +411,7 @@ def _check_sampling(do_sample, temperature, top_k, top_p, seed, batch_size: Opti
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if seed is not None and not _is_int(seed):
-        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence) or not all(s is None or _is_int(s) for s in seed):
-            raise TypeError(f"seed must be None, an int or a list with an int (or None) per request, got {seed!r}")
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
 
 
 @dataclass
@@ -575,11 +577,13 @@ class AutoSelectEngine:
                 )
             if req.max_new_tokens is not None:
                 _check_max_new_tokens(f"max_new_tokens of request {i}", req.max_new_tokens)
-            parsed.append((ids, runs, entries, req.max_new_tokens, _stop_set(f"stop_token_ids of request {i}", req.stop_token_ids)))
+            if req.seed is not None and not _is_int(req.seed):
+                raise TypeError(f"seed of request {i} must be an int or None, got {req.seed!r}")
+            parsed.append((ids, runs, entries, req.max_new_tokens, _stop_set(f"stop_token_ids of request {i}", req.stop_token_ids), req.seed))
 
         text, lengths, full_positions, token_positions = [], [], [], []
         image_request, insert_at, pixels, sizes, layouts, keys, budgets = [], [], [], [], [], [], []
-        for r, (ids, runs, entries, _, _) in enumerate(parsed):
+        for r, (ids, runs, entries, *_) in enumerate(parsed):
             own_text, own_insert, own_sizes, own_layouts, done = [], [], [], [], 0
             for (start, run), entry in zip(runs, entries):
                 if entry.image is not None:
@@ -631,6 +635,7 @@ class AutoSelectEngine:
             full_positions=full_positions,
             max_new_tokens=[p[3] for p in parsed],
             stop_token_ids=[p[4] for p in parsed],
+            seeds=[p[5] for p in parsed],
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -859,7 +864,7 @@ class AutoSelectEngine:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: Optional[Union[int, Sequence[Optional[int]]]] = None,
+        seed: Optional[int] = None,
     ) -> list[list[int]]:
         """Decoding after a pruned, packed prefill; returns the new token ids per request.
 
@@ -869,9 +874,9 @@ class AutoSelectEngine:
                 request stops after emitting one of its stop tokens (included in its output).
             do_sample: ``False``: greedy (argmax). ``True``: sample from the logits divided by
                 ``temperature``, restricted to the ``top_k`` best (0: all) and the ``top_p`` nucleus.
-            seed: ``None`` (torch's global generator), an int (every request gets its own generator
-                seeded with it, so a request's tokens do not depend on the rest of the batch) or one
-                int/None per request.
+            seed: every request gets its own generator, seeded with ``Request.seed`` when set, else
+                with ``seed + r`` (r: its index in the batch); with neither, torch's global generator
+                is used. A request with its own seed samples the same tokens whatever the rest of the batch.
 
         The KV cache holds only the kept tokens; decoding continues at each request's largest position
         + 1 (every M-RoPE row), one more per step.
@@ -881,11 +886,9 @@ class AutoSelectEngine:
         _check_sampling(do_sample, temperature, top_k, top_p, seed)
         batch = self.prepare(requests)
         b = batch.batch_size
-        if seed is not None and not _is_int(seed) and len(seed) != b:
-            raise ValueError(f"seed must have one entry per request ({b}), got {len(seed)}")
         limits = [m if m is not None else max_new_tokens for m in batch.max_new_tokens]
         stops = [eos | own for own in batch.stop_token_ids]
-        seeds = [seed] * b if seed is None or _is_int(seed) else list(seed)
+        seeds = [own if own is not None else None if seed is None else seed + r for r, own in enumerate(batch.seeds)]
         generators = [None if s is None else torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
         from transformers import DynamicCache

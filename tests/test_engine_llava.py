@@ -485,6 +485,7 @@ def test_llava_per_request_limits_stop_tokens_and_sampling(llava, scorer):
     assert got[0] == free[0][:3] and got[1] == free[1][: free[1].index(free[1][1]) + 1]
     plain = build_requests(PROMPTS[:2], images)
     assert engine.generate(plain, max_new_tokens=8, do_sample=True, top_k=1, seed=0) == free
-    sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0, seed=[3, 4])
-    assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0, seed=[3, 4])
-    assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0, seed=4)[0] == sampled[1]
+    plain[0].seed, plain[1].seed = 3, 4
+    sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
+    assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
+    assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0)[0] == sampled[1]

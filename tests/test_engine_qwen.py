@@ -388,9 +388,13 @@ def test_sampling_is_seeded_per_request_and_stays_in_the_filtered_set(qwen, scor
     a = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
     b = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
     assert a == b
-    alone = engine.generate([requests[2]], max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
-    assert alone[0] == a[2]  # a request's samples do not depend on the rest of the batch
     assert engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=8) != a
+    for r, req in enumerate(requests):
+        req.seed = 100 + r
+    own = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
+    alone = engine.generate([requests[2]], max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20)
+    assert alone[0] == own[2]  # a request with its own seed samples the same tokens whatever the batch
+    requests = batch_requests(processed)
     greedy = engine.generate(requests, max_new_tokens=6)
     assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_k=1, seed=1) == greedy
     assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=1) == greedy
@@ -445,5 +449,7 @@ def test_errors(qwen, scorer, processed):
         engine.prefill(Request(image_prompt(9), pixel_values=processed["wide"][0][:127], image_sizes=processed["wide"][1]))
     with pytest.raises(ValueError, match="run of 5 image tokens; give one placeholder token or the expanded run of 32"):
         engine.prefill(Request([IM_START] + [IMAGE] * 5, images=[wide]))
-    with pytest.raises(ValueError, match="seed must have one entry per request"):
+    with pytest.raises(TypeError, match="seed of request 0 must be an int or None, got 1.5"):
+        engine.generate([Request([IM_START, 9], seed=1.5)], do_sample=True)
+    with pytest.raises(TypeError, match=r"seed must be None or an int, got \[1, 2\]"):
         engine.generate([Request([IM_START, 9])], do_sample=True, seed=[1, 2])
