@@ -320,11 +320,12 @@ def _token_ids(prompt: Prompt, tokenizer, index: int) -> list[int]:
     raise TypeError(f"prompt of request {index} must be a string, a list of int token ids or an integer tensor, got {type(prompt).__name__}")
 
 
-def _check_token_ids(ids: list[int], vocab_size: int, refused: dict[int, str], index: int) -> None:
+def _check_token_ids(ids: list[int], vocab_size: int, refused: dict[int, str], image_token_id: int, index: int) -> None:
+    """Every id must be embeddable; the image token is replaced by features, so it may lie outside the vocabulary."""
     if not ids:
         raise ValueError(f"prompt of request {index} is empty; every request needs at least one token")
     for j, t in enumerate(ids):
-        if not 0 <= t < vocab_size:
+        if not 0 <= t < vocab_size and t != image_token_id:
             raise ValueError(f"prompt of request {index} holds token id {t} at index {j}, outside the vocabulary: allowed 0 <= id < {vocab_size}")
         if t in refused:
             raise ValueError(f"prompt of request {index} holds token id {t} at index {j}: {refused[t]}")
@@ -566,7 +567,7 @@ class AutoSelectEngine:
                 raise TypeError(f"requests[{i}] must be a Request, got {type(req).__name__}")
             entries = _image_entries(req, i)
             ids = _token_ids(req.prompt, self.tokenizer, i)
-            _check_token_ids(ids, adapter.vocab_size, adapter.unsupported_token_ids, i)
+            _check_token_ids(ids, adapter.vocab_size, adapter.unsupported_token_ids, image_token, i)
             runs = _image_runs(ids, image_token)
             if entries and not runs:
                 raise ValueError(f"prompt of request {i} has no image token (id {image_token}) but the request carries {len(entries)} image(s); put one placeholder where each image goes")
