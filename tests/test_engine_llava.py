@@ -489,3 +489,19 @@ def test_llava_per_request_limits_stop_tokens_and_sampling(llava, scorer):
     sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
     assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
     assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0)[0] == sampled[1]
+
+
+def test_llava_next_full_sequence_embeddings_for_a_trainer(llava_next, scorer):
+    """adapter.embed_full_sequence (the trainer's entry point) inserts newlines and reproduces the model."""
+    engine = AutoSelectEngine(llava_next, scorer)
+    image, prompt = picture(46, NEXT_IMAGES[0]), PROMPTS[1]
+    inputs = processed(engine, image)
+    size = inputs["image_sizes"][0].tolist()
+    layout = engine.adapter.layout(size)
+    a = prompt.index(IMAGE_TOKEN)
+    ids = torch.tensor(prompt[:a] + [IMAGE_TOKEN] * layout.num_slots + prompt[a + 1:])
+    with torch.no_grad():
+        projected = engine.adapter.project(engine.encode_images([inputs["pixel_values"][0]], [size])[0])
+        embeds, positions = engine.adapter.embed_full_sequence(ids, [size], [projected])
+    assert positions.shape == (1, ids.numel())
+    torch.testing.assert_close(reference_logits(llava_next, embeds, positions[0]), full_logits(llava_next, prompt, layout.num_slots, inputs), **TOL)
