@@ -9,7 +9,7 @@ padded batches; every result must equal the serial one, and the model must behav
 import threading
 
 import torch
-from test_engine_qwen import BATCH, batch_requests, image_prompt, tiny_qwen, engine_for, processed, scorer  # noqa: F401 (fixtures)
+from test_engine_qwen import batch_requests, engine_for, processed, scorer, tiny_qwen  # noqa: F401 (processed, scorer: fixtures)
 
 from autoselect_fast.attention import DISPATCH_PREFIX, original_implementation
 from autoselect_fast.engine import AutoSelectEngine
@@ -112,4 +112,3 @@ def test_engine_follows_a_later_switch_of_the_models_implementation(scorer, proc
     # A second engine on the same model shares the dispatcher.
     other = AutoSelectEngine(model, scorer, keep=4, image_processor=engine.image_processor)
     torch.testing.assert_close(other.prefill(requests).logits, first, rtol=1e-5, atol=1e-5)
-    assert image_prompt(9)[0] == 240 and len(BATCH) == 4
