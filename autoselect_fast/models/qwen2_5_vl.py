@@ -52,6 +52,15 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
     def __init__(self, model):
         super().__init__(model)
+        try:  # the tower's own index helpers, used by pre_merger_states
+            from transformers.vision_utils import get_vision_window_index  # noqa: F401
+        except ImportError as exc:
+            import transformers
+
+            raise ImportError(
+                f"Qwen2.5-VL support needs transformers.vision_utils (transformers 5.24, pinned in requirements.txt); "
+                f"installed: transformers {transformers.__version__}"
+            ) from exc
         vision = self.config.vision_config
         self.merge = int(vision.spatial_merge_size)
         self.patch_size = int(vision.patch_size)
