@@ -18,6 +18,7 @@ to the device without a synchronisation.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -93,10 +94,9 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def single_segment_cu(total: int, device=None) -> Tensor:
-    """``[0, total]`` int64 on ``device``, written by a fill on the device (no host→device copy)."""
-    cu = torch.zeros(2, dtype=torch.int64, device=device)
-    cu[1] = total
-    return cu
+    """``[0, total]`` int64 on ``device`` (one non-blocking copy)."""
+    host = torch.tensor([0, total], dtype=torch.int64)
+    return host if device is None else to_device(host, device)
 
 
 def check_same_device(**tensors: Tensor) -> None:
@@ -157,38 +157,59 @@ def host_budgets(k, num_segments: int, *, name: str = "k") -> Optional[list[int]
     return values
 
 
+def budget_tensors(
+    k: IntOrTensor, num_segments: int, device, *, name: str = "k", host_lengths: Optional[list[int]] = None,
+    with_offsets: bool = False,
+):
+    """The budgets as an int64 tensor ``(B,)`` on ``device``; with ``with_offsets`` also their offsets
+    ``(B+1,)`` = ``[0, k_0, k_0 + k_1, ...]`` (``(k, offsets)``).
+
+    Host budgets (an int or a list of ints) are checked on the host (``k >= 1``, and ``k <= N`` when
+    ``host_lengths`` gives N) and reach the device in one non-blocking copy, offsets included. A budget
+    tensor gets its dtype and shape checked and its offsets from a cumsum on its device; its values are
+    not read (that is :func:`check_budget_values`).
+    """
+    values = host_budgets(k, num_segments, name=name)
+    if values is not None:
+        if host_lengths is not None:
+            for i, (v, n) in enumerate(zip(values, host_lengths)):
+                if v > n:
+                    raise ValueError(f"{name} must satisfy 1 <= {name} <= N for every segment; segment {i} has N = {n} and {name} = {v}")
+        offsets = [0] + list(itertools.accumulate(values)) if with_offsets else []
+        both = to_device(torch.tensor(values + offsets, dtype=torch.int64), device)
+        k_t = both[:num_segments]
+        return (k_t, both[num_segments:]) if with_offsets else k_t
+    if k.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {k.dtype}")
+    if k.dim() == 0:
+        k = k.reshape(1).expand(num_segments)
+    if tuple(k.shape) != (num_segments,):
+        raise ValueError(f"{name} must have shape ({num_segments},) (one budget per segment), got {tuple(k.shape)}")
+    k_t = to_device(k.to(torch.int64).contiguous(), device)
+    if with_offsets:
+        return k_t, torch.nn.functional.pad(torch.cumsum(k_t, 0), (1, 0))
+    return k_t
+
+
+def check_budget_values(k_t: Tensor, lengths: Tensor, *, name: str = "k") -> None:
+    """Data check: ``1 <= k_i <= N_i`` for every segment (reads both tensors on the host)."""
+    bad = (k_t < 1) | (k_t > lengths)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= N for every segment; segment {i} has N = {int(lengths[i])} and {name} = {int(k_t[i])}")
+
+
 def check_k(
     k: IntOrTensor, lengths: Tensor, *, name: str = "k", validate: bool = True, host_lengths: Optional[list[int]] = None
 ) -> Tensor:
     """Validate the per-segment budget: an int, a list of ints or an int tensor ``(B,)``, 1 <= k_i <= N_i.
 
-    Returns an int64 tensor ``(B,)`` on the device of ``lengths``. Host budgets (int or list) are
-    checked on the host (``k >= 1``, and ``k <= N`` when ``host_lengths`` gives N); the comparison
-    with device-resident lengths, and any check of a budget tensor's values, runs only when ``validate``.
+    Returns an int64 tensor ``(B,)`` on the device of ``lengths`` (:func:`budget_tensors`); the
+    comparison with the lengths on their device runs only when ``validate``.
     """
-    values = host_budgets(k, lengths.numel(), name=name)
-    if values is not None and host_lengths is not None:
-        for i, (v, n) in enumerate(zip(values, host_lengths)):
-            if v > n:
-                raise ValueError(f"{name} must satisfy 1 <= {name} <= N for every segment; segment {i} has N = {n} and {name} = {v}")
-    if values is not None and isinstance(k, int):
-        k_t = torch.full_like(lengths, k, dtype=torch.int64)  # a fill on the device: no copy
-    elif values is not None:
-        k_t = to_device(torch.tensor(values, dtype=torch.int64), lengths.device)
-    else:
-        if k.dtype not in INT_DTYPES:
-            raise TypeError(f"{name} must be an integer tensor, got dtype {k.dtype}")
-        if k.dim() == 0:
-            k = k.reshape(1).expand(lengths.numel())
-        if k.shape != lengths.shape:
-            raise ValueError(f"{name} must have shape {tuple(lengths.shape)} (one budget per segment), got {tuple(k.shape)}")
-        k_t = to_device(k.to(torch.int64), lengths.device)
-    if not validate:
-        return k_t
-    bad = (k_t < 1) | (k_t > lengths)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} must satisfy 1 <= {name} <= N for every segment; segment {i} has N = {int(lengths[i])} and {name} = {int(k_t[i])}")
+    k_t = budget_tensors(k, lengths.numel(), lengths.device, name=name, host_lengths=host_lengths)
+    if validate:
+        check_budget_values(k_t, lengths, name=name)
     return k_t
 
 

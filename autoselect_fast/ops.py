@@ -26,11 +26,14 @@ Custom ops: the Triton launches (and the reference selection) are registered as
 ``torch.ops.autoselect_fast.{select, soft_topk, soft_topk_backward, vp_gate, vp_gate_backward}``
 with fake (meta) implementations and autograd formulas, so a function calling ``select``,
 ``soft_topk`` and ``vp_gate`` traces under ``torch.compile(fullgraph=True)`` and can be captured in a
-CUDA graph. The reference Soft Top-K and VP gate stay plain autograd code (the spec), so they trace
-only with graph breaks.
+CUDA graph (with device-resident ``k``, ``total_k`` and ``cu_seqlens``: host values travel through a
+pinned buffer that a graph replay would not refresh). The reference Soft Top-K and VP gate stay plain
+autograd code (the spec), so they trace only with graph breaks. Eager ``select`` calls that need
+neither autograd nor tracing run the launcher without the op's dispatcher (``_plain_eager_call``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -41,9 +44,10 @@ from . import reference
 from ._validation import (
     FLOAT_DTYPES,
     IntOrTensor,
+    budget_tensors,
     check_alpha_values,
+    check_budget_values,
     check_choice,
-    check_k,
     check_same_device,
     check_scores,
     check_selection_inputs,
@@ -75,39 +79,43 @@ def _kernel_module(name: str):
     return importlib.import_module(f"autoselect_fast.kernels.{name}")
 
 
-def _kernel_objects() -> tuple:
-    return (
+@functools.lru_cache(maxsize=None)
+def _kernel_build() -> tuple[bool, bool]:
+    """``(all interpreted, none interpreted)`` of the Triton kernels; fixed once they are imported."""
+    from .kernels import is_interpreted
+
+    kernels = (
         _kernel_module("selection")._select_kernel,
         _kernel_module("soft_topk")._soft_topk_fwd_kernel,
         _kernel_module("vp_gate")._noise_kernel,
     )
+    flags = [is_interpreted(kernel) for kernel in kernels]
+    return all(flags), not any(flags)
 
 
 def kernels_interpreted() -> bool:
     """Whether the Triton kernels were built for Triton's CPU interpreter (imports them)."""
-    from .kernels import is_interpreted
-
-    return all(is_interpreted(kernel) for kernel in _kernel_objects())
+    return _kernel_build()[0]
 
 
 def kernels_compiled() -> bool:
     """Whether no Triton kernel was built for the interpreter, i.e. they compile for the GPU (imports them)."""
-    from .kernels import is_interpreted
-
-    return not any(is_interpreted(kernel) for kernel in _kernel_objects())
+    return _kernel_build()[1]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` or ``"reference"`` for tensors on ``device`` (see the module docstring).
 
-    Host-only (environment and the kernels' type, no tensor data); ``torch.compile`` evaluates it
+    Host-only (environment and the kernels' build, no tensor data); ``torch.compile`` evaluates it
     once while tracing and keeps the answer.
     """
     check_choice("backend", backend, BACKENDS)
-    return _resolve_backend(backend, torch.device(device).type)
+    device_type = torch.device(device).type
+    if torch.compiler.is_compiling():
+        return _resolve_backend_traced(backend, device_type)
+    return _resolve_backend(backend, device_type)
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device_type: str) -> str:
     if backend == "reference":
         return "reference"
@@ -127,6 +135,24 @@ def _resolve_backend(backend: str, device_type: str) -> str:
             why = "Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import"
         raise ValueError(f"backend='triton' cannot run on device {device_type}: {why}; use backend='auto' or 'reference'")
     return "triton" if usable else "reference"
+
+
+_resolve_backend_traced = torch.compiler.assume_constant_result(_resolve_backend)
+
+
+def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
+    """Whether an eager call may skip the custom-op dispatcher (10-30 µs of host time per call).
+
+    Only when nothing needs it: no ``torch.compile`` tracing, no dispatch mode (fake/meta tracing),
+    plain tensors, and no input that autograd has to follow.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or t.device.type == "meta" or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _check_block(name: str, value: Optional[int]) -> None:
@@ -156,8 +182,7 @@ def _opts(**blocks: Optional[int]) -> dict:
 # Custom ops: one per launch, each with a fake implementation (output metadata only) and, for the
 # training ops, an autograd formula that calls the backward op. Launchers are called by keyword.
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("autoselect_fast::select", mutates_args=())
-def _select_op(
+def _select_launch(
     scores: Tensor,
     features: Optional[Tensor],
     k: Tensor,
@@ -185,6 +210,10 @@ def _select_op(
         total_k=total_k, positions=positions, compact=compact, **opts,
     )
     return indices, kept if kept is not None else scores.new_empty(0), kept_positions
+
+
+# The op runs exactly _select_launch; eager inference calls skip the dispatcher (_plain_eager_call).
+_select_op = torch.library.custom_op("autoselect_fast::select", _select_launch, mutates_args=())
 
 
 @_select_op.register_fake
@@ -383,7 +412,10 @@ def select(
     check_same_device(scores=scores, features=features, positions=positions)
     num_segments = cu.shape[0] - 1
     host_lengths = [scores.shape[0]] if cu_seqlens is None else None
-    k_t = check_k(k, cu[1:] - cu[:-1], validate=run_checks, host_lengths=host_lengths)
+    # Budgets and kept offsets: one host→device copy for host budgets, no extra kernels.
+    k_t, kept_cu = budget_tensors(k, num_segments, scores.device, host_lengths=host_lengths, with_offsets=True)
+    if run_checks:
+        check_budget_values(k_t, cu[1:] - cu[:-1])
     total = _total_k(k, k_t, total_k, num_segments, run_checks)
     _opts(block_n=block_n, block_d=block_d)
     chosen = resolve_backend(backend, scores.device)
@@ -391,8 +423,8 @@ def select(
         _check_contiguous("scores", scores)
         _check_contiguous("features", features, last_dim_only=True)
         _check_contiguous("positions", positions, last_dim_only=True)
-    kept_cu = torch.cat([k_t.new_zeros(1), torch.cumsum(k_t, 0)])
-    indices, kept, kept_positions = _select_op(
+    run = _select_launch if _plain_eager_call(scores, features, positions) else _select_op
+    indices, kept, kept_positions = run(
         scores, features, k_t, cu, kept_cu, positions, total, position_mode == "compact", chosen, block_n, block_d
     )
     return Selection(
@@ -426,7 +458,9 @@ def soft_topk(
     run_checks = resolve_validate(validate, scores.device)
     cu = check_scores(scores, cu_seqlens, validate=run_checks)
     host_lengths = [scores.shape[0]] if cu_seqlens is None else None
-    k_t = check_k(k, cu[1:] - cu[:-1], validate=run_checks, host_lengths=host_lengths)
+    k_t = budget_tensors(k, cu.shape[0] - 1, scores.device, host_lengths=host_lengths)
+    if run_checks:
+        check_budget_values(k_t, cu[1:] - cu[:-1])
     tau = check_tau(tau)
     check_choice("f", f, SOFT_TOPK_FUNCTIONS)
     if not isinstance(normalize, bool):

@@ -6,9 +6,11 @@ How "no sync" is shown without a GPU: the function is traced by ``torch.compile(
 data-dependent read into the graph instead of breaking it: ``.item()``/``.tolist()``/``int(t)`` become
 ``item`` calls with an unbacked symbol, ``nonzero`` and boolean masks an unbacked size. Every device→host
 read of tensor data therefore shows up as such a node (``host_reads``); a test below checks that the
-detector sees each of these patterns. On CUDA the same stages also run under
+detector sees each of these patterns. (A read whose value is never used is dropped from the graph as
+dead code and not seen; real code uses what it reads.) On CUDA the same stages also run under
 ``torch.cuda.set_sync_debug_mode("error")``, which also catches blocking host→device copies.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -321,7 +323,7 @@ def test_cuda_runs_compiled_kernels_and_the_engine_picks_them(tiny_llava):
     assert ops.kernels_compiled() and not ops.kernels_interpreted()
     assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
     model, scorer = tiny_llava
-    engine = engine_module.AutoSelectEngine(model.cuda(), scorer, keep=4)
+    engine = engine_module.AutoSelectEngine(copy.deepcopy(model).cuda(), copy.deepcopy(scorer), keep=4)
     assert (engine.selection_backend, engine.packer_backend) == ("ops", "extension")
 
 
@@ -354,7 +356,7 @@ def test_cuda_ops_make_no_sync():
 @requires_cuda
 def test_cuda_engine_prune_makes_no_sync(tiny_llava):
     model, scorer = tiny_llava
-    engine = engine_module.AutoSelectEngine(model.cuda(), scorer, keep=5, score_cache_size=0)
+    engine = engine_module.AutoSelectEngine(copy.deepcopy(model).cuda(), copy.deepcopy(scorer), keep=5, score_cache_size=0)
     features, positions = _prune_inputs(engine.device)
     want = engine.prune(features, [5, 5], positions=positions)
     torch.cuda.synchronize()
