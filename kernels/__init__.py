@@ -10,7 +10,11 @@ Each module holds one fused kernel and its launcher; ``autoselect_fast.ops`` dis
 
 The kernel modules import triton; this package does not, so ``philox`` stays usable without it. On a
 machine without CUDA the kernels only run in Triton's interpreter, which is chosen when ``triton.jit``
-runs, i.e. ``TRITON_INTERPRET=1`` must be set before a kernel module is first imported.
+runs, i.e. ``TRITON_INTERPRET=1`` must be set before a kernel module is first imported. CUDA tensors are
+never run through interpreted kernels: ``autoselect_fast.ops`` refuses that with an error.
+
+The launchers are called by keyword from the torch custom ops in ``autoselect_fast.ops``
+(``torch.ops.autoselect_fast.*``), whose fake implementations must describe their outputs.
 """
 
 

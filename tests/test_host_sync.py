@@ -126,6 +126,32 @@ def test_compiled_select_on_the_reference_backend():
     assert torch.equal(got[0], want.indices) and torch.equal(got[1], want.features) and torch.equal(got[2], want.position_ids)
 
 
+def test_eager_inference_select_skips_the_dispatcher(monkeypatch, kernel_device):
+    """Same result with and without the custom op; the op is used exactly when autograd needs it."""
+    calls = []
+    op = ops._select_op
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(ops, "_select_op", counted)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(40, generator=gen).to(kernel_device)
+    features = torch.randn(40, 6, generator=gen).to(kernel_device)
+    cu = torch.tensor([0, 15, 40], device=kernel_device)
+    plain = ops.select(scores, features, [4, 9], cu)
+    assert calls == []
+    leaf = features.clone().requires_grad_()
+    tracked = ops.select(scores, leaf, [4, 9], cu)
+    assert calls == [1]
+    assert torch.equal(plain.indices, tracked.indices) and torch.equal(plain.features, tracked.features.detach())
+    (grad,) = torch.autograd.grad(tracked.features.sum(), leaf)  # the gather's gradient: ones on the kept rows
+    want = torch.zeros(40, 6, device=kernel_device)
+    want[plain.indices] = 1.0
+    assert torch.equal(grad, want)
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake implementations, autograd registration (torch.library.opcheck) on CPU."""
     if ops.resolve_backend("auto", torch.device("cpu")) != "triton":
