@@ -169,24 +169,25 @@ def resolve_selection_backend(name: str, device: torch.device) -> tuple[str, Sel
     """``(chosen name, select function)``; the function is called as
     ``select(scores, features, budgets: list[int], cu_seqlens, positions=, position_mode=)``.
 
-    ``"ops"`` is ``autoselect_fast.ops.select`` with the backend resolved once here and the data
-    checks off (the engine builds its own inputs and checks budgets on the host), so with the budgets
-    given as a host list the selection makes no device→host synchronisation. ``"auto"`` picks
-    ``"ops"``, except on a CPU without Triton's interpreter, where ops would run the reference anyway.
+    Both choices are ``autoselect_fast.ops.select`` with the data checks off (the engine builds its
+    own inputs and checks budgets on the host), so with the budgets given as a host list the selection
+    makes no device→host synchronisation: ``"ops"`` runs the Triton kernels (backend resolved once
+    here), ``"reference"`` runs ``reference.select_tokens`` inside the same custom op. ``"auto"`` picks
+    ``"ops"``, except on a CPU without Triton's interpreter, where there are no kernels to run.
     A GPU never falls back: when the kernels cannot run (not importable, interpreted, or wrong on a
     tiny smoke test) ``"auto"`` and ``"ops"`` raise ``RuntimeError``.
     """
     check_choice("selection_backend", name, SELECTION_BACKENDS)
-    if name == "reference":
-        return "reference", reference.select_tokens
-    try:
-        from . import ops
+    from . import ops
 
+    if name == "reference":  # through ops too: the same call, traceable as a custom op
+        return "reference", functools.partial(ops.select, backend="reference", validate=False)
+    try:
         kernel_backend = ops.resolve_backend("auto", device)
     except Exception as exc:  # noqa: BLE001 - reported with the device it failed on
         raise RuntimeError(f"selection_backend={name!r} is not usable on {device}: {exc}") from exc
     if name == "auto" and kernel_backend == "reference":
-        return "reference", reference.select_tokens
+        return "reference", functools.partial(ops.select, backend="reference", validate=False)
     select = functools.partial(ops.select, backend=kernel_backend, validate=False)
     try:  # smoke test, with the data checks on
         scores = torch.tensor([0.3, -1.0, 2.0, 0.3, 5.0, 1.0, -2.0], device=device)

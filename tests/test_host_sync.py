@@ -281,10 +281,12 @@ def _prune_inputs(device, n_images=2):
     return features, positions
 
 
-@pytest.mark.parametrize("keep", [5, 16], ids=["pruned", "keep_all"])
-def test_engine_prune_has_no_host_reads(tiny_llava, keep):
+@pytest.mark.parametrize(
+    "keep, selection_backend", [(5, "auto"), (5, "reference"), (16, "auto")], ids=["pruned", "pruned_reference", "keep_all"]
+)
+def test_engine_prune_has_no_host_reads(tiny_llava, keep, selection_backend):
     model, scorer = tiny_llava
-    engine = engine_module.AutoSelectEngine(model, scorer, keep=keep, score_cache_size=0)
+    engine = engine_module.AutoSelectEngine(model, scorer, keep=keep, selection_backend=selection_backend, score_cache_size=0)
     features, positions = _prune_inputs(engine.device)
     budgets = [keep] * len(features)
     want = engine.prune(features, budgets, positions=positions)
