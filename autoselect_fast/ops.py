@@ -26,8 +26,8 @@ Custom ops: the Triton launches (and the reference selection) are registered as
 ``torch.ops.autoselect_fast.{select, soft_topk, soft_topk_backward, vp_gate, vp_gate_backward}``
 with fake (meta) implementations and autograd formulas, so a function calling ``select``,
 ``soft_topk`` and ``vp_gate`` traces under ``torch.compile(fullgraph=True)`` and can be captured in a
-CUDA graph (with device-resident ``k``, ``total_k`` and ``cu_seqlens``: host values travel through a
-pinned buffer that a graph replay would not refresh). The reference Soft Top-K and VP gate stay plain
+CUDA graph (there give ``k`` and ``cu_seqlens`` as device tensors and ``total_k``: host values are
+staged in a pinned buffer that the allocator may reuse once the capture ends). The reference Soft Top-K and VP gate stay plain
 autograd code (the spec), so they trace only with graph breaks. Eager ``select`` calls that need
 neither autograd nor tracing run the launcher without the op's dispatcher (``_plain_eager_call``).
 """
