@@ -232,6 +232,8 @@ def test_host_budgets_and_total_k(kernel_device):
     ):
         assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.features.cpu(), want.features)
         assert torch.equal(got.cu_seqlens.cpu(), want.cu_seqlens)
+    scalar = ops.select(scores, features, torch.tensor(5, device=kernel_device), cu)  # a 0-d budget for every image
+    assert torch.equal(scalar.indices.cpu(), R.select_tokens(scores.cpu(), features.cpu(), 5, cu.cpu()).indices)
     alpha_list = ops.soft_topk(scores, [3, 7], cu, tau=0.3)
     torch.testing.assert_close(alpha_list, ops.soft_topk(scores, k_tensor, cu, tau=0.3))
     with pytest.raises(ValueError, match=r"total_k must equal the sum of k \(10\), got 9"):
