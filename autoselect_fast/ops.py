@@ -79,17 +79,17 @@ def _kernel_module(name: str):
     return importlib.import_module(f"autoselect_fast.kernels.{name}")
 
 
+_KERNEL_MODULES = ("selection", "soft_topk", "vp_gate")
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_build() -> tuple[bool, bool]:
     """``(all interpreted, none interpreted)`` of the Triton kernels; fixed once they are imported."""
-    from .kernels import is_interpreted
+    from .kernels import is_interpreted, jit_functions
 
-    kernels = (
-        _kernel_module("selection")._select_kernel,
-        _kernel_module("soft_topk")._soft_topk_fwd_kernel,
-        _kernel_module("vp_gate")._noise_kernel,
-    )
-    flags = [is_interpreted(kernel) for kernel in kernels]
+    flags = [is_interpreted(kernel) for name in _KERNEL_MODULES for kernel in jit_functions(_kernel_module(name))]
+    if not flags:
+        raise RuntimeError(f"no @triton.jit function found in autoselect_fast.kernels.{{{', '.join(_KERNEL_MODULES)}}}")
     return all(flags), not any(flags)
 
 

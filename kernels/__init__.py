@@ -18,6 +18,21 @@ The launchers are called by keyword from the torch custom ops in ``autoselect_fa
 """
 
 
+_JIT_TYPES = ("JITFunction", "InterpretedFunction")
+_WRAPPER_TYPES = ("Autotuner", "Heuristics")  # @triton.autotune / @triton.heuristics hold the kernel in .fn
+
+
 def is_interpreted(kernel) -> bool:
     """Whether a ``@triton.jit`` kernel was built for Triton's CPU interpreter."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def jit_functions(module) -> list:
+    """Every ``@triton.jit`` function defined in ``module`` (unwrapping autotune/heuristics)."""
+    found = []
+    for obj in vars(module).values():
+        while type(obj).__name__ in _WRAPPER_TYPES:
+            obj = obj.fn
+        if type(obj).__name__ in _JIT_TYPES:
+            found.append(obj)
+    return found
