@@ -23,6 +23,7 @@ which holds the kept tokens only. An engine may be called from several threads a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_choice
+from ._validation import check_choice, to_device
 from .attention import ATTENTION_BACKENDS, install_dispatch, resolve_backend, varlen_call
 from .models import ImageLayout, VLMAdapter, get_adapter
 from .packing import PackedBatch
@@ -215,46 +216,70 @@ SelectFn = Callable[..., Selection]
 
 
 def resolve_selection_backend(name: str, device: torch.device) -> tuple[str, SelectFn]:
-    """``(chosen name, select function)``; both have the signature of ``reference.select_tokens``.
+    """``(chosen name, select function)``; the function is called as
+    ``select(scores, features, budgets: list[int], cu_seqlens, positions=, position_mode=)``.
 
-    ``"auto"`` uses ``autoselect_fast.ops.select`` when that module imports and a tiny smoke test
-    on ``device`` matches the reference, else ``reference.select_tokens``.
+    Both choices are ``autoselect_fast.ops.select`` with the data checks off (the engine builds its
+    own inputs and checks budgets on the host), so with the budgets given as a host list the selection
+    makes no device→host synchronisation: ``"ops"`` runs the Triton kernels (backend resolved once
+    here), ``"reference"`` runs ``reference.select_tokens`` inside the same custom op. ``"auto"`` picks
+    ``"ops"``, except on a CPU without Triton's interpreter, where there are no kernels to run.
+    A GPU never falls back: when the kernels cannot run (not importable, interpreted, or wrong on a
+    tiny smoke test) ``"auto"`` and ``"ops"`` raise ``RuntimeError``.
     """
     check_choice("selection_backend", name, SELECTION_BACKENDS)
-    if name == "reference":
-        return "reference", reference.select_tokens
-    try:
-        from . import ops
+    from . import ops
 
-        select = ops.select
+    if name == "reference":  # through ops too: the same call, traceable as a custom op
+        return "reference", functools.partial(ops.select, backend="reference", validate=False)
+    try:
+        kernel_backend = ops.resolve_backend("auto", device)
+    except Exception as exc:  # noqa: BLE001 - reported with the device it failed on
+        raise RuntimeError(f"selection_backend={name!r} is not usable on {device}: {exc}") from exc
+    if name == "auto" and kernel_backend == "reference":
+        return "reference", functools.partial(ops.select, backend="reference", validate=False)
+    select = functools.partial(ops.select, backend=kernel_backend, validate=False)
+    try:  # smoke test, with the data checks on
         scores = torch.tensor([0.3, -1.0, 2.0, 0.3, 5.0, 1.0, -2.0], device=device)
         feats = torch.arange(14.0, device=device).view(7, 2)
         cu = torch.tensor([0, 4, 7], device=device)
-        got = select(scores, feats, 2, cu, positions=torch.arange(7, device=device) + 10, position_mode="original")
-        want = reference.select_tokens(scores, feats, 2, cu, positions=torch.arange(7, device=device) + 10)
-        if not (torch.equal(got.indices.cpu(), want.indices.cpu()) and torch.equal(got.position_ids.cpu(), want.position_ids.cpu())):
+        pos = torch.arange(7, device=device) + 10
+        got = ops.select(scores, feats, [2, 2], cu, positions=pos, backend=kernel_backend, validate=True)
+        want = reference.select_tokens(scores, feats, 2, cu, positions=pos)
+        if not (torch.equal(got.indices.cpu(), want.indices.cpu()) and torch.equal(got.position_ids.cpu(), want.position_ids.cpu())
+                and torch.equal(got.features.cpu(), want.features.cpu())):
             raise RuntimeError("ops.select disagrees with reference.select_tokens on a smoke test")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
-        if name == "ops":
-            raise RuntimeError(f"selection_backend='ops' is not usable on {device}: {exc}") from exc
-        return "reference", reference.select_tokens
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here", said loudly
+        raise RuntimeError(f"selection_backend={name!r} is not usable on {device}: {exc}") from exc
     return "ops", select
 
 
 def resolve_packer(device: torch.device) -> tuple[str, Callable[..., PackedBatch]]:
-    """The C++ packer when its extension is built for ``device``, else the plain PyTorch reference."""
+    """``("extension", packing.pack_varlen)`` when the C++ packer runs on ``device``, else the reference.
+
+    Only a CPU without the built extension gets the plain PyTorch reference. On CUDA the extension
+    must be built with its CUDA path and pass a smoke test, else ``RuntimeError``: a GPU run never
+    falls back to the slow packer. A built extension that fails its smoke test raises on any device.
+    """
     from . import packing
 
-    if packing.extension_available():
-        try:  # smoke test: the extension may be built without the CUDA path
-            one = torch.zeros(1, 1, device=device)
-            cu = torch.tensor([0, 1])
-            packing.pack_varlen(one, cu, torch.zeros(1, dtype=torch.int64, device=device), one, cu,
-                                torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-            return "extension", packing.pack_varlen
-        except (RuntimeError, ImportError):
-            pass
-    return "reference", packing.pack_varlen_reference
+    if not packing.extension_available():
+        if device.type == "cuda":
+            try:
+                packing._extension()
+            except ImportError as exc:
+                raise RuntimeError(f"the C++ packer cannot run on {device}: {exc}") from exc
+        return "reference", packing.pack_varlen_reference
+    try:  # smoke test: the extension may be built without the CUDA path
+        one = torch.ones(1, 1, device=device)
+        cu = torch.tensor([0, 1])
+        pos = torch.zeros(1, dtype=torch.int64, device=device)
+        got = packing.pack_varlen(one, cu, pos, 2 * one, cu, pos + 1, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        if got.embeds.flatten().tolist() != [2.0, 1.0] or got.position_ids.tolist() != [1, 0]:
+            raise RuntimeError(f"pack_varlen gave embeds {got.embeds.flatten().tolist()} and positions {got.position_ids.tolist()}, expected [2.0, 1.0] and [1, 0]")
+    except (RuntimeError, ImportError) as exc:
+        raise RuntimeError(f"the C++ packer cannot run on {device}: {exc}") from exc
+    return "extension", packing.pack_varlen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,10 +310,20 @@ def _one_at_a_time(fn: Callable) -> Callable:
     keeps per-launch global state and fails when two threads launch kernels at once."""
     @functools.wraps(fn)
     def serialised(*args, **kwargs):
+        if torch.compiler.is_compiling():  # tracing runs no kernel, and Dynamo cannot trace a lock
+            return fn(*args, **kwargs)
         with _INTERPRETER_LOCK:
             return fn(*args, **kwargs)
 
     return serialised
+
+
+def _check_budgets(budgets: Sequence[int], features: Sequence[Tensor]) -> None:
+    if len(budgets) != len(features):
+        raise ValueError(f"budgets must have one entry per image ({len(features)}), got {len(budgets)}")
+    for i, (k, f) in enumerate(zip(budgets, features)):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= f.shape[0]:
+            raise ValueError(f"budgets[{i}] must be an int with 1 <= K <= {f.shape[0]} (the image's tokens), got {k!r}")
 
 
 def pixel_key(pixel_values: Tensor, image_size) -> str:
@@ -661,7 +696,7 @@ class AutoSelectEngine:
         if len(keys) != len(features):
             raise ValueError(f"keys must have one entry per image ({len(features)}), got {len(keys)}")
         scores: list[Optional[Tensor]] = [None] * len(features)
-        with self._lock:
+        with self._score_lock():
             for i, key in enumerate(keys):
                 if key is not None and key in self._score_cache:
                     self._score_cache.move_to_end(key)
@@ -670,18 +705,26 @@ class AutoSelectEngine:
         if missing:
             dtype = next(self.scorer.parameters()).dtype
             flat = torch.cat([features[i] for i in missing]).to(dtype)
-            cu = cu_seqlens_from_lengths([features[i].shape[0] for i in missing]).to(flat.device)
-            fresh = self.scorer(flat, cu).float()
-            with self._lock:
+            lengths = [features[i].shape[0] for i in missing]
+            if len(set(lengths)) == 1:  # equal sizes: one (B, N, d_v) batch, no offsets to read back
+                fresh = self.scorer(flat.view(len(lengths), lengths[0], flat.shape[-1])).reshape(-1).float()
+            else:
+                fresh = self.scorer(flat, to_device(cu_seqlens_from_lengths(lengths), flat.device)).float()
+            with self._score_lock():
                 self.scorer_calls += 1
                 self.scored_images += len(missing)
-                for i, s in zip(missing, fresh.split([features[i].shape[0] for i in missing])):
+                for i, s in zip(missing, fresh.split(lengths)):
                     scores[i] = s
                     if keys[i] is not None and self.score_cache_size:
                         self._score_cache[keys[i]] = s
                         while len(self._score_cache) > self.score_cache_size:
                             self._score_cache.popitem(last=False)
         return scores
+
+    def _score_lock(self):
+        """The score cache's lock; none while torch.compile traces (tracing is single-threaded, and
+        Dynamo cannot trace a lock)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
 
     def clear_score_cache(self) -> None:
         with self._lock:
@@ -717,20 +760,22 @@ class AutoSelectEngine:
             return self._no_images()
         if budgets is None:
             budgets = [self.budget(f.shape[0]) for f in features]
+        _check_budgets(budgets, features)  # on the host: the selection itself runs without data checks
         flat = torch.cat(list(features))
-        cu = cu_seqlens_from_lengths([f.shape[0] for f in features]).to(flat.device)
+        host_cu = cu_seqlens_from_lengths([f.shape[0] for f in features])
+        cu = to_device(host_cu, flat.device)  # host-built offsets: copied without a synchronisation
         if positions is not None:
-            positions = positions.to(flat.device)
+            positions = to_device(positions, flat.device)
         if all(k == f.shape[0] for k, f in zip(budgets, features)):
             # Keeping every token needs no scores: this is the unpruned baseline, so the Scorer stays idle.
             if positions is None:
-                positions = reference.default_positions(cu)
+                positions = to_device(reference.default_positions(host_cu), flat.device)
             everything = torch.arange(flat.shape[0], device=flat.device)
             selection = Selection(indices=everything, features=flat, position_ids=positions, cu_seqlens=cu)
             return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=cu, selection=selection)
         scores = torch.cat(self.score(features, keys))
-        k = torch.tensor(list(budgets), dtype=torch.int64, device=flat.device)
-        selection = self._select(scores, flat, k, cu, positions=positions, position_mode="original")
+        # Budgets go as a host list: ΣK sizes the outputs without reading the device.
+        selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original")
         return PruneResult(scores=scores, token_cu_seqlens=cu, selection=selection)
 
     # ---------------------------------------------------------------------------------------------

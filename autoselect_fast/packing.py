@@ -38,7 +38,7 @@ except ImportError as exc:  # kept to explain the failure when pack_varlen is ca
 else:
     _C_IMPORT_ERROR = None
 
-__all__ = ["PackedBatch", "pack_varlen", "pack_varlen_reference", "extension_available"]
+__all__ = ["PackedBatch", "pack_varlen", "pack_varlen_reference", "extension_available", "cuda_extension_expected"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
@@ -65,6 +65,16 @@ class PackedBatch:
 def extension_available() -> bool:
     """True when ``autoselect_fast._C`` is built and importable."""
     return _C is not None
+
+
+def cuda_extension_expected() -> bool:
+    """True on a CUDA build of torch with a GPU present: there the extension must exist with its CUDA path.
+
+    ``pip install --no-build-isolation -e .`` compiles the CUDA path whenever torch is a CUDA build, so
+    on such a machine a missing or CPU-only extension is a build failure to report, never a reason
+    to skip tests or to fall back to the reference packer.
+    """
+    return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
 def _extension():

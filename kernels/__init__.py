@@ -10,10 +10,29 @@ Each module holds one fused kernel and its launcher; ``autoselect_fast.ops`` dis
 
 The kernel modules import triton; this package does not, so ``philox`` stays usable without it. On a
 machine without CUDA the kernels only run in Triton's interpreter, which is chosen when ``triton.jit``
-runs, i.e. ``TRITON_INTERPRET=1`` must be set before a kernel module is first imported.
+runs, i.e. ``TRITON_INTERPRET=1`` must be set before a kernel module is first imported. CUDA tensors are
+never run through interpreted kernels: ``autoselect_fast.ops`` refuses that with an error.
+
+The launchers are called by keyword from the torch custom ops in ``autoselect_fast.ops``
+(``torch.ops.autoselect_fast.*``), whose fake implementations must describe their outputs.
 """
+
+
+_JIT_TYPES = ("JITFunction", "InterpretedFunction")
+_WRAPPER_TYPES = ("Autotuner", "Heuristics")  # @triton.autotune / @triton.heuristics hold the kernel in .fn
 
 
 def is_interpreted(kernel) -> bool:
     """Whether a ``@triton.jit`` kernel was built for Triton's CPU interpreter."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def jit_functions(module) -> list:
+    """Every ``@triton.jit`` function defined in ``module`` (unwrapping autotune/heuristics)."""
+    found = []
+    for obj in vars(module).values():
+        while type(obj).__name__ in _WRAPPER_TYPES:
+            obj = obj.fn
+        if type(obj).__name__ in _JIT_TYPES:
+            found.append(obj)
+    return found

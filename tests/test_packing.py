@@ -11,8 +11,10 @@ import torch
 from autoselect_fast import packing
 from autoselect_fast.packing import PackedBatch, pack_varlen, pack_varlen_reference
 
+# Skipped only where the extension may legitimately be missing; on a CUDA build with a GPU a missing
+# extension makes these tests fail (pack_varlen raises ImportError with the build command).
 requires_extension = pytest.mark.skipif(
-    not packing.extension_available(),
+    not packing.extension_available() and not packing.cuda_extension_expected(),
     reason="autoselect_fast._C is not built: run `pip install --no-build-isolation -e .`",
 )
 
@@ -282,7 +284,7 @@ ERRORS = {
     "fn", [pack_varlen, pack_varlen_reference], ids=["pack_varlen", "reference"]
 )
 def test_argument_errors(fn, entry):
-    if fn is pack_varlen and not packing.extension_available():
+    if fn is pack_varlen and not packing.extension_available() and not packing.cuda_extension_expected():
         pytest.skip("autoselect_fast._C is not built")
     mutate, exc, needle = ERRORS[entry]
     # Request 0: 3 text tokens, one image of 2 after token 1; request 1: 2 text tokens, one image of 2.
@@ -301,6 +303,10 @@ def test_argument_errors(fn, entry):
 @requires_extension
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
 class TestCuda:
+    def test_extension_is_built_with_cuda(self):
+        assert packing.extension_available(), f"autoselect_fast._C did not import: {packing._C_IMPORT_ERROR}"
+        assert packing._C.built_with_cuda(), "autoselect_fast._C was built without its CUDA path on a CUDA build of torch"
+
     @pytest.mark.parametrize("mrope", [False, True], ids=["pos1d", "pos3d"])
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("case", list(CASES))
