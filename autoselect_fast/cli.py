@@ -171,7 +171,7 @@ def _device(text: str) -> torch.device:
     try:
         return preflight.parse_device(text)
     except preflight.UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text}: ").removeprefix(f"--device {text!r}: ")) from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
-    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
     bench.add_argument("--force", action="store_true", help="run even when the CPU time estimate is long (full-size presets on a CPU)")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
     bench.set_defaults(handler=run_report_command)
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--tokens", type=_int_at_least(1), default=576, help="visual tokens per image (N)")
     pruning.add_argument("--dim", type=_int_at_least(1), default=1024, help="vision feature width (d_v)")
     pruning.add_argument("--keep", type=_int_at_least(1), default=64, help="tokens kept per image (K), 1 <= K <= N")
-    pruning.add_argument("--batch", type=_int_at_least(1), default=1)
+    pruning.add_argument("--batch", type=_int_at_least(1), default=1, help="images per call")
     pruning.add_argument("--dtype", type=_dtype_arg, default=torch.float32, help="fp32, fp16 or bf16")
     pruning.add_argument("--device", type=_device, default=default_device(), help=_DEVICE_HELP)
     pruning.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls before timing (default 5)")

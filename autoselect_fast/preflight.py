@@ -27,21 +27,23 @@ class UsageError(ValueError):
 # Devices and budgets
 # --------------------------------------------------------------------------------------------------
 def parse_device(value: str) -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` that exists in this torch build on this machine."""
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` that exists in this torch build on this machine.
+
+    The messages leave out the flag's name: argparse prefixes ``argument --device:``."""
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {value!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+        raise UsageError(f"{value!r} is not a device; allowed: cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {value!r}: allowed: cpu, cuda, cuda:N")
+        raise UsageError(f"{value!r}: allowed: cpu, cuda, cuda:N")
     if device.type == "cuda":
         if torch.version.cuda is None:
-            raise UsageError(f"--device {value}: this torch ({torch.__version__}) is a CPU-only build; use --device cpu or install a CUDA build of torch")
+            raise UsageError(f"{value}: this torch ({torch.__version__}) is a CPU-only build; use --device cpu or install a CUDA build of torch")
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {value}: torch {torch.__version__} sees no GPU on this machine; use --device cpu")
+            raise UsageError(f"{value}: torch {torch.__version__} sees no GPU on this machine; use --device cpu")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {value}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+            raise UsageError(f"{value}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
     return device
 
 

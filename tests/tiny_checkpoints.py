@@ -54,7 +54,8 @@ def save_llava(directory: str, *, image_size: int = 56, patch_size: int = 14) ->
                          image_seq_length=(image_size // patch_size) ** 2)
     LlavaForConditionalGeneration(config).save_pretrained(directory)
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+    # num_additional_image_tokens=1: CLIP's CLS token, which the "default" strategy drops (as in llava-hf checkpoints)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, num_additional_image_tokens=1,
                    vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(directory)
     return directory
 
@@ -71,7 +72,7 @@ def save_llava_next(directory: str, *, tile: int = 56, patch_size: int = 14) -> 
                              image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default", vision_feature_layer=-2)
     LlavaNextForConditionalGeneration(config).save_pretrained(directory)
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, num_additional_image_tokens=1,
                        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(directory)
     return directory
 
