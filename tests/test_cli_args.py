@@ -62,11 +62,9 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_argument_is_one_line_before_any_model(argv, message, capsys, no_model):
-    start = time.perf_counter()
     code, line = run_cli(argv, capsys)
     assert code == 2
     assert message in line and line.startswith(f"autoselect-fast {argv[0]}: error: ")
-    assert time.perf_counter() - start < 60  # no model build, no benchmark (generous: the machine is shared)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only torch")
