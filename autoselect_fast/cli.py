@@ -101,11 +101,11 @@ def run_report_command(args: argparse.Namespace) -> dict:
         seconds, flops = preflight.estimate_report_seconds(
             preset, keeps, dtype=_dtype(dtype_name), batch=args.batch, warmup=args.warmup, repeats=args.repeats, skeleton=skeleton
         )
-        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e9:,.0f} GFLOPs of prefills at this CPU's {dtype_name} matmul speed)"
-        if seconds > preflight.CPU_FORCE_THRESHOLD_S and not args.force:
+        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {dtype_name} matmul speed)"
+        if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
             raise preflight.UsageError(
-                f"--preset {preset.name} on the CPU would take {estimate}; it is meant for a GPU. "
-                f"Add --force to run it anyway, or use --preset default"
+                f"--preset {preset.name} on the CPU would take {estimate}; above {preflight.CPU_FORCE_THRESHOLD_FLOPS / 1e12:.0f} TFLOPs "
+                f"this is meant for a GPU. Add --force to run it anyway, or use --preset default"
             )
         say(f"estimated run time on this CPU: {estimate}")
     settings = ReportSettings(
