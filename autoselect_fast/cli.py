@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
     bench.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
-    bench.add_argument("--force", action="store_true", help="run even when the CPU time estimate is long (full-size presets on a CPU)")
+    bench.add_argument("--force", action="store_true", help="run on a CPU even above 50 TFLOPs of prefills (the full-size presets; the estimate says how long)")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
     bench.set_defaults(handler=run_report_command)
 

@@ -132,6 +132,16 @@ def test_generate_bad_arguments_fail_before_loading(files, monkeypatch, capsys):
         assert line.startswith("autoselect-fast generate: error: ") and message in line, (argv, line)
 
 
+def test_chat_prompt_places_the_image_once(files):
+    checkpoint = open_checkpoint(files["llava"])
+    assert checkpoint.chat_prompt("a red circle ?") == "USER: <image>\na red circle ? ASSISTANT:"
+    assert checkpoint.chat_prompt("look: <image> what ?") == "USER: look: <image> what ? ASSISTANT:"
+    with pytest.raises(local_checkpoint.UsageError, match="holds the image token '<image>' 2 times"):
+        checkpoint.chat_prompt("<image> and <image>")
+    checkpoint.processor.chat_template = None  # a base model without a template
+    assert checkpoint.chat_prompt("a red circle ?") == "<image>\na red circle ?"
+
+
 def test_show_bad_arguments(files, monkeypatch, capsys):
     monkeypatch.setattr(local_checkpoint.LocalCheckpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     for extra, message in (
