@@ -10,6 +10,7 @@
 #   3. the launcher symbol pack_cuda.o calls must be the one pack_kernel.o defines (a signature
 #      drift between pack_kernel.h and pack_kernel.cu would otherwise only show at import time).
 #
+# Needs nvcc and an installed torch (its headers). .ci/run calls it after installing.
 # Usage: bash .ci/compile_cuda.sh     (env: NVCC or CUDA_HOME, CXX, CUDA_ARCHS)
 set -euo pipefail
 
@@ -18,6 +19,14 @@ cd "$root"
 
 if [ -z "${NVCC:-}" ]; then
   if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC="$CUDA_HOME/bin/nvcc"; else NVCC=nvcc; fi
+fi
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "error: nvcc not found ('$NVCC'): install the CUDA toolkit, or set NVCC or CUDA_HOME" >&2
+  exit 1
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  echo "error: 'python -c \"import torch\"' fails: install the project first (pip install -r requirements.txt)" >&2
+  exit 1
 fi
 CXX="${CXX:-c++}"
 CUDA_ARCHS="${CUDA_ARCHS:-90}"
@@ -29,7 +38,8 @@ if [ ! -f "$CUDA_INC/cuda_runtime.h" ]; then
   exit 1
 fi
 
-out="$(mktemp -d)"
+mkdir -p build  # scratch space inside the clone (git-ignored)
+out="$(mktemp -d build/compile_cuda.XXXXXX)"
 trap 'rm -rf "$out"' EXIT
 
 echo "== nvcc $("$NVCC" --version | tail -n 2 | head -n 1)"

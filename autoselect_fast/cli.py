@@ -7,6 +7,13 @@ weights (``default``: LLaVA-1.5-shaped, scaled down to run in about a minute on 
 ``autoselect-fast pruning`` times the pruning module alone (Scorer + hard top-K selection) on a
 LLaVA-1.5-sized input (N = 576 visual tokens of width 1024, default Scorer of 2 blocks), prints the
 median with min-max, and writes a JSON with the environment next to the numbers.
+
+``autoselect-fast generate`` (``autoselect_fast.generate``) and ``autoselect-fast show``
+(``autoselect_fast.show``) run a local checkpoint with a trained Scorer on one image.
+
+This module owns the arguments: their types reject bad values while parsing, and the cross-argument
+checks (``autoselect_fast.preflight``) run before any model is built. Every error is one line,
+``autoselect-fast <command>: error: ...``, with exit status 2.
 """
 from __future__ import annotations
 
@@ -17,12 +24,19 @@ import sys
 
 import torch
 
+from . import preflight
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _dtype(name: str) -> torch.dtype:
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise argparse.ArgumentTypeError(f"--dtype must be one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
+    return DTYPES[name]
+
+
+def _dtype_arg(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def run_pruning_benchmark(args: argparse.Namespace) -> dict:
@@ -30,9 +44,12 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     from .reference import select_tokens
     from .timing import environment, measure
 
+    if args.keep > args.tokens:
+        raise preflight.UsageError(f"--keep {args.keep}: the image has N = --tokens {args.tokens} visual tokens; allowed: 1 <= K <= {args.tokens}")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    scorer = Scorer(ScorerConfig(input_dim=args.dim)).to(device=device, dtype=args.dtype).eval()
+    config = ScorerConfig(input_dim=args.dim)
+    scorer = Scorer(config).to(device=device, dtype=args.dtype).eval()
     features = torch.randn(args.batch * args.tokens, args.dim, device=device, dtype=args.dtype)
     cu_seqlens = torch.arange(0, args.batch + 1, device=device, dtype=torch.int64) * args.tokens
 
@@ -46,6 +63,8 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         return scorer(features, cu_seqlens)
 
     print(f"pruning module: batch {args.batch} x N={args.tokens} tokens of width {args.dim}, keep K={args.keep}, {args.dtype}, {device}")
+    print(f"  Scorer of the published size: {config.num_layers} blocks, width {config.hidden_dim}, {config.num_heads} heads "
+          f"(the `bench` presets use smaller Scorers scaled with their models, so their pruning times are smaller)")
     total = measure(pruning_module, device=device, warmup=args.warmup, repeats=args.repeats)
     scoring = measure(scorer_only, device=device, warmup=args.warmup, repeats=args.repeats)
     print(f"  Scorer + selection : {total}")
@@ -66,51 +85,190 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
 
 
 def run_report_command(args: argparse.Namespace) -> dict:
+    from .presets import get_preset
     from .report import ReportSettings, run_report
 
+    preset = get_preset(args.preset)
+    say = print if not args.quiet else (lambda *a, **k: None)
+    skeleton = None  # the preset's model on the meta device: shapes only, built once if needed
+    if args.keep:
+        skeleton = preflight.preset_skeleton(preset)
+        n = preflight.preset_visual_tokens(preset, skeleton)
+        preflight.check_budgets(args.keep, n, what=f"preset {preset.name!r}", allow_all=False)
+    dtype_name = args.dtype or preset.default_dtype
+    if args.device.type == "cpu":
+        keeps = args.keep or list(preset.default_keeps)
+        seconds, flops = preflight.estimate_report_seconds(
+            preset, keeps, dtype=_dtype(dtype_name), batch=args.batch, warmup=args.warmup, repeats=args.repeats, skeleton=skeleton
+        )
+        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {dtype_name} matmul speed)"
+        if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
+            raise preflight.UsageError(
+                f"--preset {preset.name} on the CPU would take {estimate}; above {preflight.CPU_FORCE_THRESHOLD_FLOPS / 1e12:.0f} TFLOPs "
+                f"this is meant for a GPU. Add --force to run it anyway, or use --preset default"
+            )
+        say(f"estimated run time on this CPU: {estimate}")
     settings = ReportSettings(
-        preset=args.preset, keeps=args.keep, device=args.device, dtype=args.dtype, batch=args.batch,
+        preset=args.preset, keeps=args.keep, device=str(args.device), dtype=args.dtype, batch=args.batch,
         warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
     )
     return run_report(settings)
 
 
+def run_generate_command(args: argparse.Namespace) -> dict:
+    from .generate import GenerateSettings, run_generate
+
+    return run_generate(GenerateSettings(
+        model=args.model, scorer=args.scorer, image=args.image, prompt=args.prompt, keep=args.keep, keep_ratio=args.keep_ratio,
+        full=args.full, max_new_tokens=args.max_new_tokens, device=args.device, dtype=_local_dtype(args), progress=not args.quiet,
+    ))
+
+
+def run_show_command(args: argparse.Namespace) -> dict:
+    from .show import ShowSettings, run_show
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise preflight.UsageError(f"--out {args.out}: directory {out_dir} does not exist")
+    return run_show(ShowSettings(
+        model=args.model, scorer=args.scorer, image=args.image, keep=args.keep, out=args.out,
+        device=args.device, dtype=_local_dtype(args), progress=not args.quiet,
+    ))
+
+
+def _local_dtype(args: argparse.Namespace) -> str:
+    return args.dtype or ("fp16" if args.device.type == "cuda" else "fp32")
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types: each rejects a bad value with a message naming what is allowed
+# --------------------------------------------------------------------------------------------------
+def _int_at_least(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lowest}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={lowest}"
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return preflight.parse_device(text)
+    except preflight.UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``autoselect-fast bench: error: argument --keep: ...`` and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_DEVICE_HELP = "where to run: cpu, cuda or cuda:N (default: cuda when this torch sees a GPU, else cpu)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover
+        transformers_version = "not installed"
+    return f"autoselect-fast {__version__} (torch {torch.__version__}, transformers {transformers_version})"
+
+
+def _add_local_model_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", required=True, metavar="DIR", help="a transformers VLM saved with save_pretrained, with its processor (LLaVA-1.5, LLaVA-NeXT)")
+    sub.add_argument("--scorer", required=True, metavar="DIR", help="a Scorer saved with Scorer.save_pretrained, for this model's vision features")
+    sub.add_argument("--image", required=True, metavar="FILE", help="the image (any format Pillow reads)")
+    sub.add_argument("--device", type=_device, default=default_device(), help=_DEVICE_HELP)
+    sub.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
+    sub.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="autoselect-fast", description="AutoSelect visual-token pruning: benchmarks and tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="autoselect-fast", description="AutoSelect visual-token pruning: benchmarks and tools")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     bench = sub.add_parser("bench", help="TTFT report: full model against pruned budgets (vision, pruning, prefill, FLOPs)")
     bench.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model preset (default: CPU-sized LLaVA-1.5 shape)")
-    bench.add_argument("--keep", type=int, nargs="*", default=[], help="budgets K to add to the preset's (192 128 64 for LLaVA-1.5)")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--keep", type=_int_at_least(1), nargs="*", default=[], metavar="K",
+                       help="budgets K to time, replacing the preset's (192 128 64 for LLaVA-1.5); each 1 <= K < N")
+    bench.add_argument("--device", type=_device, default=default_device(), help=_DEVICE_HELP)
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: the preset's (fp32 on the CPU preset, fp16 otherwise)")
-    bench.add_argument("--batch", type=int, default=1, help="requests per prefill")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--batch", type=_int_at_least(1), default=1, help="requests per prefill")
+    bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
+    bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
-    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
+    bench.add_argument("--force", action="store_true", help="run on a CPU even above 50 TFLOPs of prefills (the full-size presets; the estimate says how long)")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
     bench.set_defaults(handler=run_report_command)
 
-    pruning = sub.add_parser("pruning", help="time the pruning module (Scorer + selection) alone")
-    pruning.add_argument("--tokens", type=int, default=576, help="visual tokens per image (N)")
-    pruning.add_argument("--dim", type=int, default=1024, help="vision feature width (d_v)")
-    pruning.add_argument("--keep", type=int, default=64, help="tokens kept per image (K)")
-    pruning.add_argument("--batch", type=int, default=1)
-    pruning.add_argument("--dtype", type=_dtype, default=torch.float32, help="fp32, fp16 or bf16")
-    pruning.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    pruning.add_argument("--warmup", type=int, default=5)
-    pruning.add_argument("--repeats", type=int, default=50)
+    pruning = sub.add_parser("pruning", help="time the pruning module (Scorer + selection) alone, at the published Scorer size")
+    pruning.add_argument("--tokens", type=_int_at_least(1), default=576, help="visual tokens per image (N)")
+    pruning.add_argument("--dim", type=_int_at_least(1), default=1024, help="vision feature width (d_v)")
+    pruning.add_argument("--keep", type=_int_at_least(1), default=64, help="tokens kept per image (K), 1 <= K <= N")
+    pruning.add_argument("--batch", type=_int_at_least(1), default=1, help="images per call")
+    pruning.add_argument("--dtype", type=_dtype_arg, default=torch.float32, help="fp32, fp16 or bf16")
+    pruning.add_argument("--device", type=_device, default=default_device(), help=_DEVICE_HELP)
+    pruning.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls before timing (default 5)")
+    pruning.add_argument("--repeats", type=_int_at_least(1), default=50, help="timed calls; median and min-max are printed (default 50)")
     pruning.add_argument("--out", default="bench/out/pruning.json", help="where to write the JSON results")
     pruning.set_defaults(handler=run_pruning_benchmark)
+
+    generate = sub.add_parser("generate", help="answer a question about an image with a local checkpoint, pruned by a Scorer")
+    _add_local_model_args(generate)
+    budget = generate.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", type=_int_at_least(1), metavar="K", help="visual tokens to keep, 1 <= K <= N of the image")
+    budget.add_argument("--keep-ratio", type=_ratio, metavar="R", help="keep K = max(1, round(R * N)) tokens, 0 < R <= 1")
+    generate.add_argument("--prompt", required=True, help="the question; the chat template adds the image placeholder unless the text holds it")
+    generate.add_argument("--full", action="store_true", help="also answer with every visual token (same engine path), for comparison")
+    generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=32, help="greedy decoding stops after this many tokens or at EOS (default 32)")
+    generate.set_defaults(handler=run_generate_command)
+
+    show = sub.add_parser("show", help="PNG of the kept tokens on the image and the similarity of top-K vs bottom-K tokens")
+    _add_local_model_args(show)
+    show.add_argument("--keep", type=_int_at_least(1), required=True, metavar="K", help="visual tokens to keep, 1 <= K <= N of the image")
+    show.add_argument("--out", default="autoselect-show.png", metavar="PNG", help="where to write the picture (default autoselect-show.png)")
+    show.set_defaults(handler=run_show_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.handler(args)
+    except preflight.UsageError as exc:  # a bad argument found before the expensive work: one line, exit 2
+        print(f"autoselect-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except MemoryError as exc:  # a preset too large for this machine: say so, no traceback
         print(f"autoselect-fast: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .engine import AutoSelectEngine, Request
 from .modules import Scorer
 from .presets import Preset, build_model, get_preset
+from .progress import heartbeat
 from .timing import environment, measure
 
 STAGES = ("vision", "prune", "pack", "prefill", "total")
@@ -39,7 +40,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class ReportSettings:
     preset: str = "default"
-    keeps: Sequence[int] = ()  # extra budgets on top of the preset's defaults
+    keeps: Sequence[int] = ()  # budgets to time; empty: the preset's defaults
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: Optional[str] = None  # default: the preset's
     batch: int = 1
@@ -132,12 +133,13 @@ def run_report(settings: ReportSettings) -> dict:
     dtype, device = DTYPES[dtype_name], torch.device(settings.device)
     if settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
         raise ValueError(f"batch and repeats must be >= 1 and warmup >= 0, got batch={settings.batch}, repeats={settings.repeats}, warmup={settings.warmup}")
-    keeps = sorted({*preset.default_keeps, *settings.keeps}, reverse=True)
+    keeps = sorted(set(settings.keeps or preset.default_keeps), reverse=True)
 
     say = print if settings.progress else (lambda *a, **k: None)
     say(f"[1/3] building preset {preset.name!r} on {device} in {dtype_name}: {preset.description}")
     torch.manual_seed(0)
-    model = build_model(preset, device, dtype)
+    with heartbeat("building the model with random weights", enabled=settings.progress):
+        model = build_model(preset, device, dtype)
     engine = AutoSelectEngine(model, _scorer_for(preset, model, device, dtype), keep=None, score_cache_size=0)
     requests = synthetic_requests(engine, preset, settings.batch)
     n_tokens = engine.prepare(requests).layouts[0].num_tokens

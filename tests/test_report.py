@@ -14,7 +14,7 @@ from autoselect_fast.report import ReportSettings, format_table, run_report
 
 
 def test_report_on_tiny_preset(tmp_path, capsys):
-    report = run_report(ReportSettings(preset="tiny", keeps=[2], device="cpu", warmup=1, repeats=2, out_dir=str(tmp_path), progress=False))
+    report = run_report(ReportSettings(preset="tiny", keeps=[8, 4, 2], device="cpu", warmup=1, repeats=2, out_dir=str(tmp_path), progress=False))
     results = report["results"]
     assert [r["keep"] for r in results] == [None, 8, 4, 2]
     full = results[0]

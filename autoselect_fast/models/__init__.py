@@ -76,6 +76,23 @@ class ImageLayout:
         return slots[order], is_newline[order], rows
 
 
+@dataclass(frozen=True)
+class TokenRegions:
+    """Where each visual token of one image looks, in the original image's pixel coordinates.
+
+    Attributes:
+        boxes: ``(N, 4)`` float ``(x0, y0, x1, y1)`` per visual token (sequence order), clipped to the
+            image; a token with no region (a CLS token) has NaNs.
+        view: ``(N,)`` int64 index into ``view_names`` (LLaVA-NeXT: the base tile and the crop grid
+            each cover the whole image), -1 for tokens with no region.
+        view_names: one name per view.
+    """
+
+    boxes: Tensor
+    view: Tensor
+    view_names: tuple[str, ...]
+
+
 class VLMAdapter:
     """Model-specific operations the engine calls; one subclass per supported model family.
 
@@ -164,6 +181,11 @@ class VLMAdapter:
         """Pre-projector features ``(N_i, d_v)`` of every image, tokens in sequence order (one vision call)."""
         raise NotImplementedError
 
+    def token_regions(self, image_size: tuple[int, int], image_processor) -> TokenRegions:
+        """Region of the original ``(height, width)`` image behind each visual token (for ``autoselect-fast show``),
+        following ``image_processor``'s resizing, cropping and tiling."""
+        raise NotImplementedError(f"{type(self).__name__} cannot map tokens to image regions")
+
     def project(self, features: Tensor) -> Tensor:
         """``(K, d_v)`` -> ``(K, H)``, per token: projecting the kept tokens equals keeping projected ones."""
         raise NotImplementedError
@@ -236,4 +258,4 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
     raise TypeError(f"model must be one of {supported_model_classes()}, got {type(model).__name__}")
 
 
-__all__ = ["ImageLayout", "VLMAdapter", "get_adapter", "supported_model_classes"]
+__all__ = ["ImageLayout", "TokenRegions", "VLMAdapter", "get_adapter", "supported_model_classes"]

@@ -13,7 +13,39 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, VLMAdapter
+from . import ImageLayout, TokenRegions, VLMAdapter
+
+
+def size_field(size, key: str) -> Optional[int]:
+    """``size[key]`` of an image processor's ``size`` / ``crop_size`` (a dict or transformers' ``SizeDict``)."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def clip_geometry(image_size: tuple[int, int], image_processor) -> tuple[float, float, int, int]:
+    """``(scale_y, scale_x, top, left)``: how a CLIP-style processor maps the original image to its input.
+
+    Resize (shortest edge to ``size["shortest_edge"]`` keeping the aspect ratio, or to a fixed
+    ``height`` x ``width``), then an optional centre crop to ``crop_size``: input pixel (y, x) shows
+    original pixel ((y + top) / scale_y, (x + left) / scale_x). Exact to the processor's rounding (a pixel).
+    """
+    h, w = image_size
+    size = image_processor.size
+    rh, rw = h, w
+    if getattr(image_processor, "do_resize", True):
+        short = size_field(size, "shortest_edge")
+        if short is not None:  # transformers' get_resize_output_image_size(default_to_square=False)
+            if h <= w:
+                rh, rw = short, int(short * w / h)
+            else:
+                rh, rw = int(short * h / w), short
+        else:
+            rh, rw = size_field(size, "height"), size_field(size, "width")
+    top = left = 0
+    if getattr(image_processor, "do_center_crop", False):
+        ch, cw = size_field(image_processor.crop_size, "height"), size_field(image_processor.crop_size, "width")
+        top, left = (rh - ch) // 2, (rw - cw) // 2
+    return rh / h, rw / w, top, left
 
 
 class LlavaFamilyAdapter(VLMAdapter):
@@ -97,3 +129,20 @@ class LlavaAdapter(LlavaFamilyAdapter):
         if features.shape[1] != self._layout.num_tokens:
             raise ValueError(f"the vision tower returned {features.shape[1]} tokens per image, expected {self._layout.num_tokens}")
         return list(features.unbind(0))
+
+    def token_regions(self, image_size: tuple[int, int], image_processor) -> TokenRegions:
+        """Patch (r, c) of the processed image, mapped back through the processor's resize and crop."""
+        h, w = image_size
+        scale_y, scale_x, top, left = clip_geometry(image_size, image_processor)
+        patch = int(self.config.vision_config.patch_size)
+        side = self.image_size // patch
+        r, c = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+        boxes = torch.stack([
+            ((c * patch + left) / scale_x).clamp(0, w), ((r * patch + top) / scale_y).clamp(0, h),
+            (((c + 1) * patch + left) / scale_x).clamp(0, w), (((r + 1) * patch + top) / scale_y).clamp(0, h),
+        ], dim=1).float()
+        view = torch.zeros(side * side, dtype=torch.int64)
+        if self._layout.num_tokens == side * side + 1:  # "full" strategy: the CLS token comes first, no region
+            boxes = torch.cat([torch.full((1, 4), float("nan")), boxes])
+            view = torch.cat([torch.tensor([-1]), view])
+        return TokenRegions(boxes, view, ("image",))

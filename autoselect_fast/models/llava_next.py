@@ -15,13 +15,14 @@ least one token. Kept tokens are projected afterwards (the projector is per-toke
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout
+from . import ImageLayout, TokenRegions
 from .llava import LlavaFamilyAdapter
 
 
@@ -123,3 +124,40 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             layout = self.layout(size)
             out.append(per_image.reshape(-1, per_image.shape[-1])[layout.source_index.to(per_image.device)])
         return out
+
+    def token_regions(self, image_size, image_processor) -> TokenRegions:
+        """Base-tile tokens map to the whole image squashed to one tile; crop-grid tokens to their place on
+        the best-fit canvas (image resized keeping its aspect ratio, centred with padding, as
+        ``LlavaNextImageProcessor`` does), mapped back to the original pixels."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        h, w = _image_size_tuple(image_size)
+        layout, p = self.layout((h, w)), self.tokens_per_tile
+        patch = int(self.config.vision_config.patch_size)
+        side, tile = self.tile_size // patch, self.tile_size
+        best_h, best_w = select_best_resolution((h, w), image_processor.image_grid_pinpoints)
+        # transformers' get_patch_output_size: fit inside the canvas, then centre it
+        if best_w / w < best_h / h:
+            new_w, new_h = best_w, min(math.ceil(h * best_w / w), best_h)
+        else:
+            new_h, new_w = best_h, min(math.ceil(w * best_h / h), best_w)
+        pad_top, pad_left = (best_h - new_h) // 2, (best_w - new_w) // 2
+        tiles_per_row = best_w // tile
+
+        src = layout.source_index
+        tile_of, within = src // p, src % p
+        pr, pc = within // side, within % side
+        base = tile_of == 0
+        grid_row, grid_col = (tile_of - 1).clamp(min=0) // tiles_per_row, (tile_of - 1).clamp(min=0) % tiles_per_row
+        # base tile: the whole image squashed to tile x tile pixels
+        bx0, by0 = pc * patch * w / tile, pr * patch * h / tile
+        bx1, by1 = (pc + 1) * patch * w / tile, (pr + 1) * patch * h / tile
+        # crop grid: canvas pixels -> original pixels
+        cy, cx = grid_row * tile + pr * patch, grid_col * tile + pc * patch
+        gx0, gy0 = (cx - pad_left) * w / new_w, (cy - pad_top) * h / new_h
+        gx1, gy1 = (cx + patch - pad_left) * w / new_w, (cy + patch - pad_top) * h / new_h
+        boxes = torch.stack([
+            torch.where(base, bx0, gx0).clamp(0, w), torch.where(base, by0, gy0).clamp(0, h),
+            torch.where(base, bx1, gx1).clamp(0, w), torch.where(base, by1, gy1).clamp(0, h),
+        ], dim=1).float()
+        return TokenRegions(boxes, (~base).long(), ("base tile", "crop grid"))

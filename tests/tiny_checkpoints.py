@@ -1,0 +1,98 @@
+"""Tiny random-weight VLM checkpoints saved to disk the way a user has them: ``save_pretrained`` of the
+model and of its processor (tokenizer built offline with the ``tokenizers`` library, image processor
+from defaults, a chat template), plus a Scorer saved with ``Scorer.save_pretrained``.
+
+Used by the ``generate`` / ``show`` tests; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from autoselect_fast.modules import Scorer, ScorerConfig
+
+# LLaVA-1.5-style template: "USER: <image>\n<question> ASSISTANT:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+WORDS = ["what", "is", "in", "the", "picture", "a", "red", "blue", "circle", "square", "USER", "ASSISTANT", ":", "?", "."]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *WORDS, *(f"w{i}" for i in range(80))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def _configs(tokenizer, image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return vision, text
+
+
+def save_llava(directory: str, *, image_size: int = 56, patch_size: int = 14) -> str:
+    """LLaVA-1.5 (CLIP + Llama), N = (image_size / patch_size)^2 visual tokens."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    vision, text = _configs(tokenizer, image_size, patch_size)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2)
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    # num_additional_image_tokens=1: CLIP's CLS token, which the "default" strategy drops (as in llava-hf checkpoints)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, num_additional_image_tokens=1,
+                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+    return directory
+
+
+def save_llava_next(directory: str, *, tile: int = 56, patch_size: int = 14) -> str:
+    """LLaVA-NeXT with tiles of ``tile`` pixels and a grid of up to 2x2 crops."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    vision, text = _configs(tokenizer, tile, patch_size)
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default", vision_feature_layer=-2)
+    LlavaNextForConditionalGeneration(config).save_pretrained(directory)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, num_additional_image_tokens=1,
+                       vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+    return directory
+
+
+def save_scorer(directory: str, input_dim: int = 32) -> str:
+    torch.manual_seed(1)
+    Scorer(ScorerConfig(input_dim=input_dim, hidden_dim=32, num_layers=1, num_heads=2)).save_pretrained(directory)
+    return directory
+
+
+def save_picture(path: str, size=(112, 112), colour=None) -> str:
+    """A generated picture: one colour (``colour``), or a circle and a square on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, colour or "white")
+    if colour is None:
+        draw = ImageDraw.Draw(image)
+        w, h = size
+        draw.ellipse((w * 0.1, h * 0.1, w * 0.5, h * 0.5), fill="red")
+        draw.rectangle((w * 0.55, h * 0.4, w * 0.9, h * 0.9), fill="blue")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    return path
