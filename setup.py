@@ -30,7 +30,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models"]
+PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training"]
 CSRC = "csrc"
 
 
@@ -102,6 +102,7 @@ setup(
     package_dir={
         "autoselect_fast": "autoselect_fast",
         "autoselect_fast.kernels": "kernels",
+        "autoselect_fast.training": "training",
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -7,6 +7,8 @@ weights (``default``: LLaVA-1.5-shaped, scaled down to run in about a minute on 
 ``autoselect-fast pruning`` times the pruning module alone (Scorer + hard top-K selection) on a
 LLaVA-1.5-sized input (N = 576 visual tokens of width 1024, default Scorer of 2 blocks), prints the
 median with min-max, and writes a JSON with the environment next to the numbers.
+
+``autoselect-fast train`` trains a Scorer + Denoiser on a frozen VLM (``autoselect_fast.training.cli``).
 """
 from __future__ import annotations
 
@@ -104,7 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--repeats", type=int, default=50)
     pruning.add_argument("--out", default="bench/out/pruning.json", help="where to write the JSON results")
     pruning.set_defaults(handler=run_pruning_benchmark)
+
+    _add_train_subcommand(sub)
     return parser
+
+
+def _add_train_subcommand(sub) -> None:
+    """``autoselect-fast train``: everything lives in ``autoselect_fast.training.cli``."""
+    from .training.cli import add_train_arguments, run_train_command
+
+    train = sub.add_parser("train", help="train a Scorer + Denoiser on a frozen VLM (config file or flags; torchrun for DDP)")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train_command)
 
 
 def main(argv: list[str] | None = None) -> int:
