@@ -169,6 +169,23 @@ def test_gradients_reach_scorer_kernel_equals_reference(which, request, tokenize
     assert all(float(g.abs().max()) > 0 for n, g in grads_ref.items() if n.startswith(("head", "blocks"))), "some Scorer weights got no gradient"
 
 
+def test_keep_ratio_budget_per_image(llava_next, tokenizer):
+    """K = max(1, round(ratio * N_i)) per image, for images of different N (LLaVA-NeXT)."""
+    from autoselect_fast.modules import Denoiser, DenoiserConfig
+
+    data = samples_for(llava_next, tokenizer, 2, sizes=((40, 30), (30, 80)))
+    objective = AutoSelectObjective(llava_next, Scorer(ScorerConfig(input_dim=32, hidden_dim=32, num_layers=1, num_heads=4)),
+                                    Denoiser(DenoiserConfig(input_dim=32)), keep_ratio=0.3, kernel_backend="reference")
+    batch = collate([data[0], data[1]], [0, 1])
+    out = objective(batch, tau=1.0, step=0, seed=0, normalizer=1.0)
+    lengths = [data.num_visual_tokens(0), data.num_visual_tokens(1)]
+    assert lengths[0] != lengths[1]
+    assert out.budgets == [max(1, round(0.3 * n)) for n in lengths]
+    torch.testing.assert_close(out.alpha[: lengths[0]].sum(), torch.tensor(float(out.budgets[0])), rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    assert float(objective.scorer.head.weight.grad.abs().max()) > 0
+
+
 def test_scale_gate_and_global_denoiser_train(llava, tokenizer, tmp_path):
     """The ablations run, give the Scorer gradients, and the global Denoiser mixes tokens (identity does not)."""
     data = samples_for(llava, tokenizer, 2)

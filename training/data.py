@@ -162,7 +162,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                             width, height = img.size
                     except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
                         raise ValueError(f"image {image_path!r} cannot be read ({type(exc).__name__}: {exc})") from None
-                    tokenize_conversation(self.tokenizer, messages, self.image_token)
+                    ids, _ = tokenize_conversation(self.tokenizer, messages, self.image_token)
+                    if ids.count(adapter.image_token_id) != 1:
+                        raise ValueError(
+                            f"the rendered conversation holds the image token (id {adapter.image_token_id}) "
+                            f"{ids.count(adapter.image_token_id)} times, expected once"
+                        )
                 except (ValueError, json.JSONDecodeError) as exc:
                     problem = Problem(line_no, str(exc) if not isinstance(exc, json.JSONDecodeError) else f"not valid JSON ({exc.msg})")
                     if strict:

@@ -96,7 +96,7 @@ class ExperimentSettings:
     scorer_layers: int = 2
     scorer_heads: int = 4
     ablations: bool = True
-    threads: Optional[int] = None
+    threads: Optional[int] = 1  # the figures in the README were measured with 1 thread (tiny model: little to gain from more)
     plot: bool = True
     progress: bool = True
     eval_batch: int = 50
