@@ -1,8 +1,8 @@
 """Training of Scorer + Denoiser (``autoselect_fast.training``) on the real transformers LLaVA classes.
 
-Tolerances: kernel path (Triton interpreter, fp32) against reference path (float64): loss rtol 1e-5,
-Scorer gradients rtol 1e-3 / atol 1e-6 relative to their scale (the Soft Top-K kernel solves λ in
-fp32; the VP noise is the same Philox stream on both paths). DDP against one process: Scorer weights
+Tolerances: kernel path (Triton interpreter, fp32) against reference path (float64): loss rtol 1e-5;
+Scorer gradients rtol 1e-3, atol 1e-5 x the largest gradient of the head (observed: ~1e-6 relative;
+the Soft Top-K kernel solves λ in fp32, the VP noise is the same Philox stream on both paths). DDP against one process: Scorer weights
 after two AdamW steps agree to atol 1e-6 (float summation order of the all-reduce).
 """
 import json
@@ -160,13 +160,13 @@ def test_gradients_reach_scorer_kernel_equals_reference(which, request, tokenize
     loss_ref, grads_ref, _ = _scorer_grads(model, data, "reference")
     loss_ker, grads_ker, _ = _scorer_grads(model, data, "triton")
     torch.testing.assert_close(loss_ker, loss_ref, rtol=1e-5, atol=1e-6)
-    head = grads_ref["head.weight"]
-    assert float(head.abs().max()) > 0, "no gradient reached the Scorer"
+    scale = float(grads_ref["head.weight"].abs().max())
+    assert scale > 0, "no gradient reached the Scorer"
     for name, g in grads_ref.items():
         assert torch.isfinite(g).all()
-        scale = float(g.abs().max()) + 1e-12
-        torch.testing.assert_close(grads_ker[name], g, rtol=1e-3, atol=1e-6 * max(1.0, scale / 1e-3)), name
-    assert all(float(g.abs().max()) > 0 for n, g in grads_ref.items() if n.startswith(("head", "blocks"))), "some Scorer weights got no gradient"
+        torch.testing.assert_close(grads_ker[name], g, rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+    # head.bias and norm.bias get no gradient in exact arithmetic (the z-score removes any shift of s).
+    assert all(float(g.abs().max()) > 1e-4 * scale for n, g in grads_ref.items() if n.startswith("blocks") or n == "head.weight")
 
 
 def test_keep_ratio_budget_per_image(llava_next, tokenizer):
@@ -354,9 +354,14 @@ def test_cli_train_and_ddp_two_gloo_processes(llava, tokenizer, tmp_path):
             "scorer_hidden_dim": 32, "scorer_layers": 1, "scorer_heads": 4, "denoiser_mlp_ratio": 2.0, "progress": False,
             "kernel_backend": "reference", "save_every": 0}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     outs = {}
     for name, launcher in (("one", [sys.executable, "-m", "autoselect_fast"]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                                     "-m", "autoselect_fast"])):
         cfg = tmp_path / f"{name}.json"
         cfg.write_text(json.dumps({**base, "output_dir": str(tmp_path / name)}))

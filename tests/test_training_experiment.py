@@ -15,6 +15,7 @@ def test_trained_scorer_beats_random_selection(tmp_path):
     settings = ExperimentSettings(
         tag="ci", out_dir=str(tmp_path), train_samples=1200, test_samples=120, pretrain_steps=300, steps=80,
         batch_size=16, ablations=False, plot=False, progress=False, threads=1,
+        backend="reference",  # the Triton interpreter (TRITON_INTERPRET=1 in tests) would take minutes here
     )
     try:
         result = run_experiment(settings, log=lambda *_: None)

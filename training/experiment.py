@@ -96,6 +96,7 @@ class ExperimentSettings:
     scorer_layers: int = 2
     scorer_heads: int = 4
     ablations: bool = True
+    backend: str = "auto"  # kernels of training (ops) and engine selection: "auto" or "reference"
     threads: Optional[int] = 1  # the figures in the README were measured with 1 thread (tiny model: little to gain from more)
     plot: bool = True
     progress: bool = True
@@ -106,12 +107,12 @@ class ExperimentSettings:
 # --------------------------------------------------------------------------------------------------
 # Evaluation through the engine
 # --------------------------------------------------------------------------------------------------
-def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50) -> dict:
+def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50, backend: str = "auto") -> dict:
     """Accuracy of the first answer token through ``AutoSelectEngine`` (hard top-K), and how often the
     token holding the answer is kept."""
     from ..engine import AutoSelectEngine, Request
 
-    engine = AutoSelectEngine(model, scorer, keep=keep, score_cache_size=0)
+    engine = AutoSelectEngine(model, scorer, keep=keep, score_cache_size=0, selection_backend="reference" if backend == "reference" else "auto")
     correct, target_kept, kept = 0, 0, []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
@@ -134,7 +135,7 @@ def train_scorer(model, train_set, settings: ExperimentSettings, run_dir: str, *
         warmup_steps=settings.warmup_steps, tau_start=settings.tau_start, tau_end=settings.tau_end,
         scorer_hidden_dim=settings.scorer_hidden_dim, scorer_layers=settings.scorer_layers, scorer_heads=settings.scorer_heads,
         denoiser_mlp_ratio=2.0, gate=gate, denoiser_attention=denoiser_attention, seed=settings.seed, save_every=0,
-        progress=settings.progress, kernel_backend="auto",
+        progress=settings.progress, kernel_backend=settings.backend,
     )
     objective = build_objective(model, config)
     trainer = Trainer(objective, train_set, config)
@@ -162,6 +163,8 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     model = S.build_tiny_llava(tokenizer, seed=settings.seed)
     adapter = get_adapter(model)
     n_tokens = adapter.layout(None).num_tokens
+    if settings.backend not in ("auto", "reference"):
+        raise ValueError(f"backend must be 'auto' or 'reference', got {settings.backend!r}")
     if not 1 <= settings.keep <= n_tokens:
         raise ValueError(f"keep must satisfy 1 <= keep <= {n_tokens} (the tiny model's N), got {settings.keep}")
     processor = adapter.default_image_processor()
@@ -191,12 +194,12 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     log("[4/4] answering held-out questions through AutoSelectEngine (hard top-K)")
     d = adapter.feature_dim
     methods: dict[str, dict] = {}
-    methods["every token"] = evaluate(model, FeatureNormScorer(d), None, test, settings.eval_batch)
+    methods["every token"] = evaluate(model, FeatureNormScorer(d), None, test, settings.eval_batch, settings.backend)
     for label, (scorer, last, seconds, gate, attention) in trained.items():
-        methods[label] = evaluate(model, scorer, settings.keep, test, settings.eval_batch)
+        methods[label] = evaluate(model, scorer, settings.keep, test, settings.eval_batch, settings.backend)
         methods[label].update(train_seconds=seconds, final_train_metrics=last, gate=gate, denoiser_attention=attention)
-    methods["random K"] = evaluate(model, RandomScorer(d, seed=settings.seed), settings.keep, test, settings.eval_batch)
-    methods["feature norm"] = evaluate(model, FeatureNormScorer(d), settings.keep, test, settings.eval_batch)
+    methods["random K"] = evaluate(model, RandomScorer(d, seed=settings.seed), settings.keep, test, settings.eval_batch, settings.backend)
+    methods["feature norm"] = evaluate(model, FeatureNormScorer(d), settings.keep, test, settings.eval_batch, settings.backend)
     for label, m in methods.items():
         log(f"  {label:28s} accuracy {m['accuracy']:.3f}   answer token kept {m['target_kept_rate']:.3f}")
 

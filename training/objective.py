@@ -18,8 +18,8 @@ outside the module tree, so ``parameters()``, DDP and the optimiser see the trai
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -78,9 +78,6 @@ def build_denoiser(attention: str, input_dim: int, *, num_heads: int = 4, mlp_ra
 # --------------------------------------------------------------------------------------------------
 # Budget and noise seeds
 # --------------------------------------------------------------------------------------------------
-Budget = Union[int, float]
-
-
 def budget_for(keep: Optional[int], keep_ratio: Optional[float], num_tokens: int, where: str = "an image") -> int:
     """K of an image with ``num_tokens`` visual tokens (the engine's rule); ValueError if K > N."""
     if keep is not None:
@@ -251,9 +248,3 @@ def alpha_statistics(alpha: Tensor) -> dict:
         "alpha_hard_fraction": float(((a < 0.05) | (a > 0.95)).float().mean()),
     }
 
-
-def objective_settings(objective: AutoSelectObjective) -> dict:
-    return {
-        "keep": objective.keep, "keep_ratio": objective.keep_ratio, "gate": objective.gate,
-        "soft_topk_f": objective.soft_topk_f, "denoiser": asdict(objective.denoiser.config),
-    }

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from typing import Callable, Optional
 
 import numpy as np
