@@ -307,6 +307,18 @@ def test_bad_config_fails_before_training(llava, tokenizer, tmp_path):
         load_model(str(tmp_path / "m"), torch.device("cpu"))
 
 
+def test_cli_bad_settings_one_line_error(tmp_path, capsys):
+    from autoselect_fast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", str(tmp_path), "--data", "x.jsonl", "--keep", "3", "--tau-end", "5"])
+    assert exc.value.code == 2
+    assert "tau_end (5.0) must not exceed tau_start (2.0)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tmp_path), "--data", "x.jsonl", "--keep", "3", "--keep-ratio", "0.5"])
+    assert "give exactly one of keep" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Data: JSONL conversations with the chat template; bad lines reported with their number
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import fields
 
 import torch
@@ -87,24 +88,28 @@ def run_train_command(args: argparse.Namespace) -> dict:
     from .data import ConversationDataset
     from .trainer import Trainer, build_objective
 
-    config = config_from_args(args)
-    device = _device(config.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(config.seed)
-    model = load_model(config.model, device)
-    adapter = get_adapter(model)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    try:
-        from transformers import AutoImageProcessor
+    try:  # set-up errors (settings, model, data) are one-line messages, not tracebacks
+        config = config_from_args(args)
+        device = _device(config.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.manual_seed(config.seed)
+        model = load_model(config.model, device)
+        adapter = get_adapter(model)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        try:
+            from transformers import AutoImageProcessor
 
-        image_processor = AutoImageProcessor.from_pretrained(config.model)
-    except (OSError, ValueError):
-        image_processor = None  # no preprocessor_config.json: the adapter's default for this model
-    objective = build_objective(model, config)
-    dataset = ConversationDataset(config.data, adapter, tokenizer, image_folder=config.image_folder,
-                                  image_processor=image_processor, strict=config.strict_data)
-    trainer = Trainer(objective, dataset, config)
+            image_processor = AutoImageProcessor.from_pretrained(config.model)
+        except (OSError, ValueError):
+            image_processor = None  # no preprocessor_config.json: the adapter's default for this model
+        objective = build_objective(model, config)
+        dataset = ConversationDataset(config.data, adapter, tokenizer, image_folder=config.image_folder,
+                                      image_processor=image_processor, strict=config.strict_data)
+        trainer = Trainer(objective, dataset, config)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"autoselect-fast train: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     metrics = trainer.train()
     if trainer.is_main:
         print(f"trained {trainer.step} steps: final loss {metrics.get('loss', float('nan')):.4f}; "
