@@ -97,7 +97,7 @@ class ExperimentSettings:
     scorer_heads: int = 4
     ablations: bool = True
     backend: str = "auto"  # kernels of training (ops) and engine selection: "auto" or "reference"
-    threads: Optional[int] = 1  # the figures in the README were measured with 1 thread (tiny model: little to gain from more)
+    threads: Optional[int] = 1  # torch threads; 0: torch's default. README figures: 1 thread (tiny model, little to gain)
     plot: bool = True
     progress: bool = True
     eval_batch: int = 50
