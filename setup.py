@@ -2,7 +2,8 @@
 
 The repository layout (see DESIGN.md section 6) keeps the Triton kernels in a top-level ``kernels/``
 folder; it is installed as ``autoselect_fast.kernels`` and never as a top-level ``kernels`` module
-(transformers probes a package of that name).
+(transformers probes a package of that name). Likewise ``training/`` is installed as
+``autoselect_fast.training``.
 
 Install without build isolation so the extension builds against the torch you already have:
 
@@ -30,7 +31,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models"]
+PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training"]
 CSRC = "csrc"
 
 
@@ -102,6 +103,7 @@ setup(
     package_dir={
         "autoselect_fast": "autoselect_fast",
         "autoselect_fast.kernels": "kernels",
+        "autoselect_fast.training": "training",
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

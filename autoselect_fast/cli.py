@@ -14,6 +14,8 @@ median with min-max, and writes a JSON with the environment next to the numbers.
 This module owns the arguments: their types reject bad values while parsing, and the cross-argument
 checks (``autoselect_fast.preflight``) run before any model is built. Every error is one line,
 ``autoselect-fast <command>: error: ...``, with exit status 2.
+
+``autoselect-fast train`` trains a Scorer + Denoiser on a frozen VLM (``autoselect_fast.training.cli``).
 """
 from __future__ import annotations
 
@@ -258,7 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--keep", type=_int_at_least(1), required=True, metavar="K", help="visual tokens to keep, 1 <= K <= N of the image")
     show.add_argument("--out", default="autoselect-show.png", metavar="PNG", help="where to write the picture (default autoselect-show.png)")
     show.set_defaults(handler=run_show_command)
+
+    _add_train_subcommand(sub)
     return parser
+
+
+def _add_train_subcommand(sub) -> None:
+    """``autoselect-fast train``: everything lives in ``autoselect_fast.training.cli``."""
+    from .training.cli import add_train_arguments, run_train_command
+
+    train = sub.add_parser("train", help="train a Scorer + Denoiser on a frozen VLM (config file or flags; torchrun for DDP)")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,6 +237,62 @@ class VLMAdapter:
         embeds[is_image.to(embeds.device)] = visual
         return embeds, self.sequence_positions(input_ids.cpu(), image_sizes)
 
+    # ==========================================================================================
+    # Training (autoselect_fast.training): the full, unpruned sequence of one sample with its
+    # gated visual features in place. Additive section; nothing above depends on it.
+    # ==========================================================================================
+    def training_sequence(self, input_ids: Tensor, labels: Tensor, visual_embeds: Tensor, image_size) -> tuple[Tensor, Tensor, Tensor]:
+        """One sample's LLM input during training: nothing is pruned, the image is in its full layout.
+
+        Args:
+            input_ids: ``(L,)`` text token ids holding the model's image token once (the placeholder)
+                or as the already expanded run of ``layout(image_size).num_slots`` tokens.
+            labels: ``(L,)`` target ids aligned with ``input_ids`` (-100 where there is no target).
+            visual_embeds: ``(N, H)`` the image's visual tokens after the projector, in sequence order.
+            image_size: as for :meth:`layout`.
+        Returns:
+            ``(inputs_embeds (S, H), position_ids (S,), labels (S,))`` with -100 at every visual slot.
+            Models with multi-axis positions (M-RoPE) override this and return ``(3, S)`` positions.
+        """
+        from ..engine import _image_runs  # one home for the placeholder rule (engine imports this package)
+
+        ids = [int(t) for t in input_ids.tolist()]
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        runs = _image_runs(ids, self.image_token_id)
+        if len(runs) != 1:
+            raise ValueError(f"a training sample must hold the image token (id {self.image_token_id}) in one run, got {len(runs)} runs")
+        start, run = runs[0]
+        layout = self.layout(image_size)
+        if run not in (1, layout.num_slots):
+            raise ValueError(f"a training sample has a run of {run} image tokens; expected 1 placeholder or the expanded run of {layout.num_slots}")
+        if visual_embeds.dim() != 2 or visual_embeds.shape[0] != layout.num_tokens:
+            raise ValueError(f"visual_embeds must have shape ({layout.num_tokens}, H) for this image, got {tuple(visual_embeds.shape)}")
+        device = visual_embeds.device
+        text_ids = torch.tensor(ids[:start] + ids[start + run:], dtype=torch.int64, device=device)
+        text_labels = torch.cat([labels[:start], labels[start + run:]]).to(device=device, dtype=torch.int64)
+        text_embeds = self.embed_tokens(text_ids)
+        visual = visual_embeds.new_zeros(layout.num_slots, visual_embeds.shape[-1])
+        visual = visual.index_copy(0, layout.token_slot.to(device), visual_embeds)
+        newline = self.newline_embedding()
+        if layout.newline_slot.numel():
+            rows = newline.to(device=device, dtype=visual.dtype).expand(layout.newline_slot.numel(), -1)
+            visual = visual.index_copy(0, layout.newline_slot.to(device), rows)
+        embeds = torch.cat([text_embeds[:start], visual.to(text_embeds.dtype), text_embeds[start:]])
+        seq_labels = torch.cat([text_labels[:start], text_labels.new_full((layout.num_slots,), -100), text_labels[start:]])
+        return embeds, torch.arange(embeds.shape[0], device=device), seq_labels
+
+    def training_logits(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, rows: Tensor) -> Tensor:
+        """Logits of the frozen LLM at the flat ``rows`` of a right-padded ``(B, S, H)`` batch.
+
+        ``lm_head`` runs only on the rows that predict a target, which keeps its vocab-sized output
+        small. ``position_ids`` is ``(B, S)`` (or ``(3, B, S)`` for M-RoPE models).
+        """
+        hidden = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])[rows])
+
 
 def _adapters() -> tuple[type[VLMAdapter], ...]:
     from .llava import LlavaAdapter

@@ -1,0 +1,250 @@
+"""The training objective of AutoSelect: one forward from pixels to the answer-token NLL.
+
+This module owns what happens inside a training step (DESIGN.md sections 2 and 10)::
+
+    frozen vision tower -> Scorer -> ops.soft_topk (z-score, τ) -> gate -> Denoiser
+        -> frozen projector -> frozen LLM with the text -> NLL of the answer tokens only
+
+* The gate is ``"vp"`` (default, ``ops.vp_gate``: the fused kernel regenerates its Philox noise in the
+  backward) or the paper's ablation ``"scale"`` (``x·α``).
+* The Denoiser is the per-token ``modules.Denoiser`` (identity attention mask) or the ablation
+  :class:`GlobalDenoiser` (full attention among one image's tokens).
+* Model-specific glue (features, projection, where the image goes in the sequence, positions) comes
+  from the model's adapter (``autoselect_fast.models``), so every adapter that implements
+  ``encode`` / ``project`` / ``training_sequence`` / ``training_logits`` trains here unchanged.
+
+Only the Scorer and the Denoiser are submodules of :class:`AutoSelectObjective`; the VLM is held
+outside the module tree, so ``parameters()``, DDP and the optimiser see the trainable parts only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..models import get_adapter
+from ..modules import Denoiser, DenoiserConfig, EncoderBlock, Scorer, _Checkpointable
+from ..reference import cu_seqlens_from_lengths, flat_to_padded
+
+GATES = ("vp", "scale")
+DENOISER_ATTENTION = ("identity", "global")
+IGNORE_INDEX = -100
+_MASK64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation: a Denoiser whose attention crosses tokens
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GlobalDenoiserConfig(DenoiserConfig):
+    num_heads: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.input_dim % self.num_heads:
+            raise ValueError(f"GlobalDenoiserConfig.num_heads must divide input_dim ({self.input_dim}), got {self.num_heads!r}")
+
+
+class GlobalDenoiser(_Checkpointable):
+    """Ablation of the paper: the Denoiser block with full attention among one image's own tokens."""
+
+    config_class = GlobalDenoiserConfig
+    kind = "global_denoiser"
+
+    def __init__(self, config: GlobalDenoiserConfig):
+        super().__init__()
+        self.config = config
+        self.block = EncoderBlock(config.input_dim, config.num_heads, config.mlp_ratio, config.norm_eps)
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        self.check_input_dim(x.shape[-1])
+        lengths = cu_seqlens.diff()
+        padded = flat_to_padded(x, cu_seqlens)
+        key_mask = torch.arange(padded.shape[1], device=x.device)[None, :] < lengths[:, None]
+        return self.block(padded, key_mask)[key_mask]
+
+
+def build_denoiser(attention: str, input_dim: int, *, num_heads: int = 4, mlp_ratio: float = 4.0) -> nn.Module:
+    if attention == "identity":
+        return Denoiser(DenoiserConfig(input_dim=input_dim, mlp_ratio=mlp_ratio))
+    if attention == "global":
+        return GlobalDenoiser(GlobalDenoiserConfig(input_dim=input_dim, mlp_ratio=mlp_ratio, num_heads=num_heads))
+    raise ValueError(f"denoiser_attention must be one of {DENOISER_ATTENTION}, got {attention!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget and noise seeds
+# --------------------------------------------------------------------------------------------------
+def budget_for(keep: Optional[int], keep_ratio: Optional[float], num_tokens: int, where: str = "an image") -> int:
+    """K of an image with ``num_tokens`` visual tokens (the engine's rule); ValueError if K > N."""
+    if keep is not None:
+        if keep > num_tokens:
+            raise ValueError(f"keep={keep} exceeds the {num_tokens} visual tokens of {where}; allowed: 1 <= keep <= {num_tokens}")
+        return keep
+    if keep_ratio is None:
+        raise ValueError("give keep (K per image) or keep_ratio (a fraction of each image's N)")
+    return max(1, round(keep_ratio * num_tokens))
+
+
+def noise_seed(base_seed: int, step: int, slot: int) -> int:
+    """Philox seed of one sample's VP noise (splitmix64 of seed, step, slot in the global batch).
+
+    Depending only on these three numbers makes the noise identical however the global batch is split
+    over processes and accumulation steps, and after a resume.
+    """
+    z = (base_seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + slot * 0x94D049BB133111EB + 0x632BE59BD9B4E5B) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 2  # < 2**62, the range ops.draw_seed uses
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainBatch:
+    """What one micro-batch holds (see ``training.data.collate``)."""
+
+    input_ids: list[Tensor]
+    labels: list[Tensor]
+    pixel_values: list[Tensor]
+    image_sizes: list
+    slots: list[int]  # index of each sample in its global batch (fixes its VP noise)
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # NLL sum over this micro-batch's answer tokens, divided by the given normaliser
+    nll_sum: float
+    answer_tokens: int
+    alpha: Tensor  # detached α of every token (for statistics)
+    budgets: list[int]
+
+
+class AutoSelectObjective(nn.Module):
+    """Scorer + Denoiser (the trainable parts) and the frozen VLM's answer NLL.
+
+    Args:
+        model: a supported transformers VLM; frozen here (``requires_grad_(False)``, eval mode).
+        scorer: a ``modules.Scorer`` of width ``adapter.feature_dim``.
+        denoiser: a ``modules.Denoiser`` or :class:`GlobalDenoiser` of the same width.
+        keep / keep_ratio: budget K per image, fixed or a fraction of N.
+        gate: ``"vp"`` or ``"scale"``.
+        soft_topk_f: ``"laplace"`` or ``"sigmoid"``.
+        kernel_backend: ``ops`` backend for Soft Top-K and the VP gate (``"auto"``: Triton on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer: Scorer,
+        denoiser: nn.Module,
+        *,
+        keep: Optional[int] = None,
+        keep_ratio: Optional[float] = None,
+        gate: str = "vp",
+        soft_topk_f: str = "laplace",
+        kernel_backend: str = "auto",
+    ):
+        super().__init__()
+        adapter = get_adapter(model)  # TypeError naming the class for unsupported models
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if (keep is None) == (keep_ratio is None):
+            raise ValueError(f"give exactly one of keep (K per image) and keep_ratio, got keep={keep!r}, keep_ratio={keep_ratio!r}")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
+            raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
+        scorer.check_input_dim(adapter.feature_dim)
+        denoiser.check_input_dim(adapter.feature_dim)
+        model.requires_grad_(False).eval()
+        self.scorer, self.denoiser = scorer, denoiser
+        # Plain attributes, not submodules: the VLM stays outside parameters(), state_dict() and DDP.
+        self.__dict__["adapter"] = adapter
+        self.keep, self.keep_ratio, self.gate = keep, keep_ratio, gate
+        self.soft_topk_f, self.kernel_backend = soft_topk_f, kernel_backend
+
+    def train(self, mode: bool = True):  # the frozen VLM stays in eval mode whatever the trainables do
+        super().train(mode)
+        self.adapter.model.eval()
+        return self
+
+    def budget(self, num_tokens: int, where: str = "an image") -> int:
+        return budget_for(self.keep, self.keep_ratio, num_tokens, where)
+
+    def forward(self, batch: TrainBatch, *, tau: float, step: int, seed: int, normalizer: float) -> StepOutput:
+        adapter = self.adapter
+        with torch.no_grad():
+            features = adapter.encode(batch.pixel_values, batch.image_sizes)
+        lengths = [f.shape[0] for f in features]
+        budgets = [self.budget(n, f"training sample {slot} of the batch") for n, slot in zip(lengths, batch.slots)]
+        param = next(self.scorer.parameters())
+        flat = torch.cat(features).to(device=param.device, dtype=param.dtype).contiguous()
+        cu = cu_seqlens_from_lengths(lengths).to(flat.device)
+        k = torch.tensor(budgets, dtype=torch.int64, device=flat.device)
+
+        scores = self.scorer(flat, cu)
+        alpha = ops.soft_topk(scores.float().contiguous(), k, cu, tau=tau, f=self.soft_topk_f, normalize=True, backend=self.kernel_backend)
+        gated = self._gate(flat, alpha.to(flat.dtype), cu, batch.slots, step, seed)
+        denoised = self.denoiser(gated, cu) if isinstance(self.denoiser, GlobalDenoiser) else self.denoiser(gated)
+        projected = adapter.project(denoised).split(lengths)
+
+        embeds, positions, labels = [], [], []
+        for ids, lab, vis, size in zip(batch.input_ids, batch.labels, projected, batch.image_sizes):
+            e, p, l = adapter.training_sequence(ids, lab, vis, size)
+            embeds.append(e), positions.append(p), labels.append(l)
+        inputs_embeds, attention_mask, position_ids, seq_labels = _pad_right(embeds, positions, labels)
+        # Token t predicts label t+1: keep only rows whose next label is a target.
+        targets = seq_labels[:, 1:]
+        is_target = targets != IGNORE_INDEX
+        s = seq_labels.shape[1]
+        rows = (torch.arange(seq_labels.shape[0], device=targets.device)[:, None] * s + torch.arange(s - 1, device=targets.device)[None, :])[is_target]
+        logits = adapter.training_logits(inputs_embeds, attention_mask, position_ids, rows)
+        nll = nn.functional.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+        return StepOutput(
+            loss=nll / normalizer, nll_sum=float(nll.detach()), answer_tokens=int(is_target.sum()),
+            alpha=alpha.detach().float(), budgets=budgets,
+        )
+
+    def _gate(self, x: Tensor, alpha: Tensor, cu: Tensor, slots: Sequence[int], step: int, seed: int) -> Tensor:
+        if self.gate == "scale":
+            return x * alpha[:, None]
+        # One call per image: each image's noise is fixed by its own seed (see noise_seed).
+        bounds = cu.tolist()
+        parts = [
+            ops.vp_gate(x[a:b], alpha[a:b], seed=noise_seed(seed, step, slot), backend=self.kernel_backend)
+            for a, b, slot in zip(bounds[:-1], bounds[1:], slots)
+        ]
+        return torch.cat(parts)
+
+
+def _pad_right(embeds: list[Tensor], positions: list[Tensor], labels: list[Tensor]):
+    """Right-pad a list of sequences: (B, S, H) embeds, (B, S) mask, (B, S) or (3, B, S) positions, (B, S) labels."""
+    s = max(e.shape[0] for e in embeds)
+    b = len(embeds)
+    out = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+    mask = torch.zeros(b, s, dtype=torch.int64, device=out.device)
+    lab = torch.full((b, s), IGNORE_INDEX, dtype=torch.int64, device=out.device)
+    pos = torch.zeros(*positions[0].shape[:-1], b, s, dtype=torch.int64, device=out.device)
+    for i, (p, l) in enumerate(zip(positions, labels)):
+        n = l.shape[0]
+        mask[i, :n] = 1
+        lab[i, :n] = l
+        pos[..., i, :n] = p
+        if n < s:  # padding continues the positions so every row is well defined
+            pos[..., i, n:] = p[..., -1:] + torch.arange(1, s - n + 1, device=out.device)
+    return out, mask, pos, lab
+
+
+def alpha_statistics(alpha: Tensor) -> dict:
+    """How close α is to a hard 0/1 mask: bimodality = 1 - mean 4α(1-α) (1: hard, 0: all at 0.5)."""
+    a = alpha.float().clamp(0, 1)
+    return {
+        "alpha_bimodality": float(1.0 - (4.0 * a * (1.0 - a)).mean()),
+        "alpha_hard_fraction": float(((a < 0.05) | (a > 0.95)).float().mean()),
+    }
+
