@@ -10,7 +10,8 @@ each looping over the image's tokens in blocks of ``BLOCK_N`` so N can be tens o
     for |x| in the thousands. A split that is off by one because a point sits within the bisection's
     noise of λ changes λ only at second order (both pieces of F agree in value and slope at 0).
   - sigmoid: bisection on λ inside [min x - logit(K/N), max x - logit(K/N)].
-  K = N gives λ = -inf and α = 1. Per image it saves (mean, rstd, λ) for the backward.
+  K = N gives λ = -inf and α = 1. Per image it saves (mean, rstd, λ) for the backward, where
+  mean is that of s - s_first (the image's first score; see the z-score comment).
 * ``_soft_topk_bwd_kernel``: the implicit VJP ``∂L/∂x_j = f'_j (g_j - Σ f'_i g_i / Σ f'_i)`` (weights
   shifted by the largest log f' so the ratio survives f' underflowing), then ``/τ`` and the
   normalisation's backward ``∂L/∂s = rstd (gy - mean(gy) - ŝ mean(gy ŝ))``.
@@ -59,7 +60,7 @@ def _logaddexp(a, b):
 
 
 @triton.jit
-def _laplace_lambda(seg, n, k, mean, scale, lam_b, BLOCK_N: tl.constexpr):
+def _laplace_lambda(seg, n, k, shift, mean, scale, lam_b, BLOCK_N: tl.constexpr):
     """Closed-form λ for the split m = #(x > lam_b): root u = e^λ of A u² + 2(K-m) u - B = 0."""
     # Pass 1: m and the shifts (largest exponent on each side).
     m = 0
@@ -68,7 +69,7 @@ def _laplace_lambda(seg, n, k, mean, scale, lam_b, BLOCK_N: tl.constexpr):
     for off in range(0, n, BLOCK_N):
         offs = off + tl.arange(0, BLOCK_N)
         mask = offs < n
-        x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+        x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
         above = (x > lam_b) & mask
         below = (x <= lam_b) & mask
         m += tl.sum(above.to(tl.int32), 0)
@@ -80,7 +81,7 @@ def _laplace_lambda(seg, n, k, mean, scale, lam_b, BLOCK_N: tl.constexpr):
     for off in range(0, n, BLOCK_N):
         offs = off + tl.arange(0, BLOCK_N)
         mask = offs < n
-        x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+        x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
         # exp(-inf) = 0 drops the other side's terms (masking the argument keeps exp from overflowing).
         sum_a += tl.sum(tl.exp(tl.where((x > lam_b) & mask, -x - max_a, float("-inf"))), 0)
         sum_b += tl.sum(tl.exp(tl.where((x <= lam_b) & mask, x - max_b, float("-inf"))), 0)
@@ -109,22 +110,28 @@ def _soft_topk_fwd_kernel(
     n_f = n.to(tl.float32)
     seg = s_ptr + start
 
-    # z-score: two passes (mean, then centred variance) for accuracy.
-    mean = tl.full([], 0.0, tl.float32)
+    # z-score: two passes (mean, then centred variance), both on the scores shifted by the image's
+    # first score. s - shift is exact for scores near the shift (Sterbenz), so a small spread on a
+    # large offset (1e4 + 0.003·randn) survives; an fp32 mean of the raw scores would not.
+    mean = tl.full([], 0.0, tl.float32)  # the mean of s - shift
     rstd = tl.full([], 1.0, tl.float32)
     if NORMALIZE:
+        shift = tl.load(seg).to(tl.float32)
         acc = tl.zeros([BLOCK_N], tl.float32)
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
-            acc += tl.load(seg + offs, mask=offs < n, other=0.0).to(tl.float32)
+            mask = offs < n
+            acc += tl.where(mask, tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
         mean = tl.sum(acc, 0) / n_f
         acc = tl.zeros([BLOCK_N], tl.float32)
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
             mask = offs < n
-            c = tl.where(mask, tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            c = tl.where(mask, (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean, 0.0)
             acc += c * c
         rstd = 1.0 / tl.sqrt(tl.sum(acc, 0) / n_f + eps)
+    else:
+        shift = tl.full([], 0.0, tl.float32)
     scale = rstd * inv_tau  # x = (s - mean) * scale = ŝ / τ
 
     lam = tl.full([], float("-inf"), tl.float32)  # K = N: α ≡ 1
@@ -134,7 +141,7 @@ def _soft_topk_fwd_kernel(
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
             mask = offs < n
-            x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+            x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
             x_min = tl.minimum(x_min, tl.min(tl.where(mask, x, float("inf")), 0))
             x_max = tl.maximum(x_max, tl.max(tl.where(mask, x, float("-inf")), 0))
         # Bracket with g(lo) >= K >= g(hi), g(λ) = Σ F(x_i - λ) decreasing.
@@ -151,7 +158,7 @@ def _soft_topk_fwd_kernel(
             for off in range(0, n, BLOCK_N):
                 offs = off + tl.arange(0, BLOCK_N)
                 mask = offs < n
-                x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+                x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
                 g += tl.where(mask, _cdf(x - mid, F_SIGMOID), 0.0)
             too_many = tl.sum(g, 0) > k
             lo = tl.where(too_many, mid, lo)
@@ -159,12 +166,12 @@ def _soft_topk_fwd_kernel(
         if F_SIGMOID:
             lam = 0.5 * (lo + hi)
         else:
-            lam = _laplace_lambda(seg, n, k, mean, scale, 0.5 * (lo + hi), BLOCK_N)
+            lam = _laplace_lambda(seg, n, k, shift, mean, scale, 0.5 * (lo + hi), BLOCK_N)
 
     for off in range(0, n, BLOCK_N):
         offs = off + tl.arange(0, BLOCK_N)
         mask = offs < n
-        x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+        x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
         alpha = _cdf(x - lam, F_SIGMOID)
         tl.store(alpha_ptr + start + offs, alpha.to(alpha_ptr.dtype.element_ty), mask=mask)
     tl.store(stats_ptr + 3 * b, mean)
@@ -187,6 +194,9 @@ def _soft_topk_bwd_kernel(
     lam = tl.load(stats_ptr + 3 * b + 2)
     scale = rstd * inv_tau
     seg = s_ptr + start
+    shift = tl.full([], 0.0, tl.float32)
+    if NORMALIZE:
+        shift = tl.load(seg).to(tl.float32)  # as in the forward
     gseg = g_ptr + start
     out = grad_ptr + start
     if k_int < n:
@@ -195,7 +205,7 @@ def _soft_topk_bwd_kernel(
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
             mask = offs < n
-            x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+            x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
             log_fp = _log_density(x - lam, F_SIGMOID)
             log_max = tl.maximum(log_max, tl.max(tl.where(mask, log_fp, float("-inf")), 0))
         w_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -203,7 +213,7 @@ def _soft_topk_bwd_kernel(
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
             mask = offs < n
-            x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+            x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
             g = tl.load(gseg + offs, mask=mask, other=0.0).to(tl.float32)
             w = tl.exp(tl.where(mask, _log_density(x - lam, F_SIGMOID) - log_max, float("-inf")))
             w_sum += w
@@ -215,7 +225,7 @@ def _soft_topk_bwd_kernel(
         for off in range(0, n, BLOCK_N):
             offs = off + tl.arange(0, BLOCK_N)
             mask = offs < n
-            x = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale
+            x = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * scale
             g = tl.load(gseg + offs, mask=mask, other=0.0).to(tl.float32)
             gy = tl.exp(_log_density(x - lam, F_SIGMOID)) * (g - mean_g) * inv_tau
             if NORMALIZE:
@@ -230,7 +240,7 @@ def _soft_topk_bwd_kernel(
             for off in range(0, n, BLOCK_N):
                 offs = off + tl.arange(0, BLOCK_N)
                 mask = offs < n
-                s_hat = (tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+                s_hat = ((tl.load(seg + offs, mask=mask, other=0.0).to(tl.float32) - shift) - mean) * rstd
                 g = tl.load(gseg + offs, mask=mask, other=0.0).to(tl.float32)
                 gy = tl.exp(_log_density(s_hat * inv_tau - lam, F_SIGMOID)) * (g - mean_g) * inv_tau
                 grad = rstd * (gy - mean_gy - s_hat * mean_gy_sh)
@@ -245,7 +255,7 @@ def soft_topk_forward(
     scores: Tensor, k: Tensor, cu_seqlens: Tensor, tau: float, f: str, normalize: bool,
     eps: float = 1e-6, *, block_n: int = DEFAULT_BLOCK_N, n_iters: int = N_BISECT,
 ) -> tuple[Tensor, Tensor]:
-    """α ``(ΣN,)`` in the dtype of ``scores`` and per-image stats ``(B, 3)`` fp32 (mean, rstd, λ).
+    """α ``(ΣN,)`` in the dtype of ``scores`` and per-image stats ``(B, 3)`` fp32 (mean of s - s_first, rstd, λ).
 
     ``scores`` contiguous ``(ΣN,)``; ``k`` int64 ``(B,)`` with 1 <= k <= N; ``cu_seqlens`` int64.
     """
