@@ -187,3 +187,22 @@ def select_tokens(
     if positions is None or positions.dim() == 1:
         out_pos = out_pos[0]
     return out_idx, out_feat, out_pos
+
+
+def compile_cases():
+    """The launches of this module at production shapes, for ``tools/compile_gate.py``."""
+    from . import CompileCase, pointer_type
+
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = pointer_type(dtype)
+        for pos_rows in (1, 3):
+            cases.append(CompileCase(
+                f"select[{t[1:]},pos_rows={pos_rows}]", _select_kernel,
+                dict(scores_ptr=t, features_ptr=t, positions_ptr="*i64", cu_ptr="*i64", k_ptr="*i64", kept_cu_ptr="*i64",
+                     out_idx_ptr="*i64", out_feat_ptr=t, out_pos_ptr="*i64", d="i32", stride_feat="i32",
+                     stride_out_feat="i32", stride_pos="i32", stride_out_pos="i32"),
+                dict(HAS_FEATURES=True, HAS_POSITIONS=pos_rows == 3, POS_ROWS=pos_rows, COMPACT=False, IS_FP64=False,
+                     KEY_BITS=32, BLOCK_N=DEFAULT_BLOCK_N, BLOCK_G=DEFAULT_BLOCK_G, BLOCK_D=DEFAULT_BLOCK_D),
+                num_warps=4, aligned=("d", "stride_feat", "stride_out_feat")))
+    return cases

@@ -280,3 +280,23 @@ def soft_topk_backward(
         NORMALIZE=normalize, F_SIGMOID=f == "sigmoid", BLOCK_N=block_n,
     )
     return grad
+
+
+def compile_cases():
+    """The launches of this module at production shapes, for ``tools/compile_gate.py``."""
+    from . import CompileCase, pointer_type
+
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        s = pointer_type(dtype)
+        for f in ("laplace", "sigmoid"):
+            flags = dict(NORMALIZE=True, F_SIGMOID=f == "sigmoid", BLOCK_N=DEFAULT_BLOCK_N)
+            cases.append(CompileCase(
+                f"soft_topk_fwd[{s[1:]},{f}]", _soft_topk_fwd_kernel,
+                dict(s_ptr=s, cu_ptr="*i64", k_ptr="*i64", alpha_ptr=s, stats_ptr="*fp32", inv_tau="fp32", eps="fp32"),
+                dict(flags, N_ITERS=N_BISECT), num_warps=4))
+            cases.append(CompileCase(
+                f"soft_topk_bwd[{s[1:]},{f}]", _soft_topk_bwd_kernel,
+                dict(s_ptr=s, g_ptr=s, cu_ptr="*i64", k_ptr="*i64", stats_ptr="*fp32", grad_ptr=s, inv_tau="fp32"),
+                flags, num_warps=4))
+    return cases

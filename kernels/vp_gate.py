@@ -126,3 +126,17 @@ def vp_gate_noise(shape, seed: int, offset: int = 0, *, device="cpu", block: int
     if out.numel():
         _noise_kernel[(triton.cdiv(out.numel(), block),)](out, out.numel(), seed, offset, BLOCK=block)
     return out
+
+
+def compile_cases():
+    """The launches of this module at production shapes, for ``tools/compile_gate.py``."""
+    from . import CompileCase, pointer_type
+
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = pointer_type(dtype)
+        cases.append(CompileCase(
+            f"vp_gate_fwd[{x[1:]}]", _vp_gate_fwd_kernel,
+            dict(x_ptr=x, a_ptr=x, out_ptr=x, n_rows="i32", d="i32", stride_x="i32", stride_out="i32", seed="i64", offset="i64"),
+            dict(BLOCK_M=DEFAULT_BLOCK_M, BLOCK_D=DEFAULT_BLOCK_D), num_warps=4, aligned=("d", "stride_x", "stride_out")))
+    return cases
