@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-DEFAULT_BLOCK_N = 1024  # token block of the looped (not on-chip) kernels
+DEFAULT_BLOCK_N = 2048  # token block of the looped (not on-chip) kernels: 8 block reductions per pass at 16k
 # The longest image held in registers: 8,192 fp32 over 16 warps (16 per thread). At 16,384 over 32
 # warps (64 registers per thread) the compile gate shows spills (sigmoid on sm_90, both F on sm_80),
 # so longer images take the looped kernel.
@@ -94,27 +94,90 @@ def _block(seg, off, n, shift, chip, ON_CHIP: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _acc_init(value, dtype: tl.constexpr, ON_CHIP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A pass accumulator: a scalar on chip (one block, reduced at once), else one value per lane,
+    reduced once at the end of the pass (one block reduction per pass, not one per block)."""
+    if ON_CHIP:
+        return tl.full([], value, dtype)
+    else:
+        return tl.full([BLOCK_N], value, dtype)
+
+
+@triton.jit
+def _acc_sum(acc, x, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return acc + tl.sum(x, 0)
+    else:
+        return acc + x
+
+
+@triton.jit
+def _acc_min(acc, x, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return tl.minimum(acc, tl.min(x, 0))
+    else:
+        return tl.minimum(acc, x)
+
+
+@triton.jit
+def _acc_max(acc, x, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return tl.maximum(acc, tl.max(x, 0))
+    else:
+        return tl.maximum(acc, x)
+
+
+@triton.jit
+def _total_sum(acc, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return acc
+    else:
+        return tl.sum(acc, 0)
+
+
+@triton.jit
+def _total_min(acc, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return acc
+    else:
+        return tl.min(acc, 0)
+
+
+@triton.jit
+def _total_max(acc, ON_CHIP: tl.constexpr):
+    if ON_CHIP:
+        return acc
+    else:
+        return tl.max(acc, 0)
+
+
+@triton.jit
 def _laplace_step(seg, n, k, shift, chip, mean, scale, lam, ON_CHIP: tl.constexpr, BLOCK_N: tl.constexpr):
     """(m, λ_m): the split m = #(x > lam) and the closed-form root for that split."""
-    m = 0
-    lo_above = tl.full([], float("inf"), tl.float32)  # min x over x > lam (the shift of A)
-    hi_below = tl.full([], float("-inf"), tl.float32)  # max x over x <= lam (the shift of B)
+    m = _acc_init(0, tl.int32, ON_CHIP, BLOCK_N)
+    lo_above = _acc_init(float("inf"), tl.float32, ON_CHIP, BLOCK_N)  # min x over x > lam (the shift of A)
+    hi_below = _acc_init(float("-inf"), tl.float32, ON_CHIP, BLOCK_N)  # max x over x <= lam (the shift of B)
     for off in range(0, n, BLOCK_N):
         v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
         x = (v - mean) * scale
         above = (x > lam) & mask
         below = (x <= lam) & mask
-        m += tl.sum(above.to(tl.int32), 0)
-        lo_above = tl.minimum(lo_above, tl.min(tl.where(above, x, float("inf")), 0))
-        hi_below = tl.maximum(hi_below, tl.max(tl.where(below, x, float("-inf")), 0))
-    sum_a = 0.0
-    sum_b = 0.0
+        m = _acc_sum(m, above.to(tl.int32), ON_CHIP)
+        lo_above = _acc_min(lo_above, tl.where(above, x, float("inf")), ON_CHIP)
+        hi_below = _acc_max(hi_below, tl.where(below, x, float("-inf")), ON_CHIP)
+    m = _total_sum(m, ON_CHIP)
+    lo_above = _total_min(lo_above, ON_CHIP)
+    hi_below = _total_max(hi_below, ON_CHIP)
+    sum_a = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
+    sum_b = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
     for off in range(0, n, BLOCK_N):
         v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
         x = (v - mean) * scale
         # exp(-inf) = 0 drops the other side's terms (masking the argument keeps exp from overflowing).
-        sum_a += tl.sum(tl.exp(tl.where((x > lam) & mask, lo_above - x, float("-inf"))), 0)
-        sum_b += tl.sum(tl.exp(tl.where((x <= lam) & mask, x - hi_below, float("-inf"))), 0)
+        sum_a = _acc_sum(sum_a, tl.exp(tl.where((x > lam) & mask, lo_above - x, float("-inf"))), ON_CHIP)
+        sum_b = _acc_sum(sum_b, tl.exp(tl.where((x <= lam) & mask, x - hi_below, float("-inf"))), ON_CHIP)
+    sum_a = _total_sum(sum_a, ON_CHIP)
+    sum_b = _total_sum(sum_b, ON_CHIP)
     # log A = -inf when m = 0, log B = -inf when m = N (the maximum() only keeps log() quiet).
     log_a = tl.where(sum_a > 0, -lo_above + tl.log(tl.maximum(sum_a, 1e-30)), float("-inf"))
     log_b = tl.where(sum_b > 0, hi_below + tl.log(tl.maximum(sum_b, 1e-30)), float("-inf"))
@@ -130,14 +193,14 @@ def _laplace_step(seg, n, k, shift, chip, mean, scale, lam, ON_CHIP: tl.constexp
 @triton.jit
 def _sigmoid_sums(seg, n, shift, chip, mean, scale, lam, ON_CHIP: tl.constexpr, BLOCK_N: tl.constexpr):
     """(Σ σ(x - lam), Σ σ'(x - lam))."""
-    g = 0.0
-    gp = 0.0
+    g = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
+    gp = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
     for off in range(0, n, BLOCK_N):
         v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
         a = tl.where(mask, _cdf((v - mean) * scale - lam, True), 0.0)
-        g += tl.sum(a, 0)
-        gp += tl.sum(a * (1.0 - a), 0)
-    return g, gp
+        g = _acc_sum(g, a, ON_CHIP)
+        gp = _acc_sum(gp, a * (1.0 - a), ON_CHIP)
+    return _total_sum(g, ON_CHIP), _total_sum(gp, ON_CHIP)
 
 
 @triton.jit
@@ -166,29 +229,30 @@ def _soft_topk_fwd_kernel(
     mean = tl.full([], 0.0, tl.float32)
     rstd = tl.full([], 1.0, tl.float32)
     if NORMALIZE:
-        # (Scalar accumulators: a [BLOCK_N] one would double the registers of the on-chip kernel.)
-        acc = 0.0
+        acc = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
-            acc += tl.sum(v, 0)
-        mean = acc / n_f
-        acc = 0.0
+            acc = _acc_sum(acc, v, ON_CHIP)
+        mean = _total_sum(acc, ON_CHIP) / n_f
+        acc = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
             c = tl.where(mask, v - mean, 0.0)
-            acc += tl.sum(c * c, 0)
-        rstd = 1.0 / tl.sqrt(acc / n_f + eps)
+            acc = _acc_sum(acc, c * c, ON_CHIP)
+        rstd = 1.0 / tl.sqrt(_total_sum(acc, ON_CHIP) / n_f + eps)
     scale = rstd * inv_tau  # x = (s - shift - mean) * scale = ŝ / τ
 
     lam = tl.full([], float("-inf"), tl.float32)  # K = N: α ≡ 1
     if k_int < n:
-        x_min = tl.full([], float("inf"), tl.float32)
-        x_max = tl.full([], float("-inf"), tl.float32)
+        x_min = _acc_init(float("inf"), tl.float32, ON_CHIP, BLOCK_N)
+        x_max = _acc_init(float("-inf"), tl.float32, ON_CHIP, BLOCK_N)
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
             x = (v - mean) * scale
-            x_min = tl.minimum(x_min, tl.min(tl.where(mask, x, float("inf")), 0))
-            x_max = tl.maximum(x_max, tl.max(tl.where(mask, x, float("-inf")), 0))
+            x_min = _acc_min(x_min, tl.where(mask, x, float("inf")), ON_CHIP)
+            x_max = _acc_max(x_max, tl.where(mask, x, float("-inf")), ON_CHIP)
+        x_min = _total_min(x_min, ON_CHIP)
+        x_max = _total_max(x_max, ON_CHIP)
         if F_SIGMOID:
             logit = tl.log(k) - tl.log(n_f - k)
             lo = x_min - logit  # g(lo) >= K >= g(hi), g(λ) = Σ σ(x_i - λ) decreasing
@@ -252,33 +316,34 @@ def _soft_topk_bwd_kernel(
             offs = tl.arange(0, BLOCK_N)
             chip = tl.where(offs < n, tl.load(seg + offs, mask=offs < n, other=0.0).to(tl.float32) - shift, float("nan"))
         # mean_g = Σ f' g / Σ f' with f' shifted by its largest log (the smallest |x - λ|).
-        log_max = tl.full([], float("-inf"), tl.float32)
+        log_max = _acc_init(float("-inf"), tl.float32, ON_CHIP, BLOCK_N)
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
             log_fp = _log_density((v - mean) * scale - lam, F_SIGMOID)
-            log_max = tl.maximum(log_max, tl.max(tl.where(mask, log_fp, float("-inf")), 0))
-        w_sum = 0.0
-        wg_sum = 0.0
+            log_max = _acc_max(log_max, tl.where(mask, log_fp, float("-inf")), ON_CHIP)
+        log_max = _total_max(log_max, ON_CHIP)
+        w_sum = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
+        wg_sum = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
             g = tl.load(gseg + off + tl.arange(0, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
             w = tl.exp(tl.where(mask, _log_density((v - mean) * scale - lam, F_SIGMOID) - log_max, float("-inf")))
-            w_sum += tl.sum(w, 0)
-            wg_sum += tl.sum(w * g, 0)
-        mean_g = wg_sum / w_sum
+            w_sum = _acc_sum(w_sum, w, ON_CHIP)
+            wg_sum = _acc_sum(wg_sum, w * g, ON_CHIP)
+        mean_g = _total_sum(wg_sum, ON_CHIP) / _total_sum(w_sum, ON_CHIP)
         # gy = ∂L/∂ŝ = f' (g - mean_g) / τ; without normalisation it is already ∂L/∂s.
-        sum_gy = 0.0
-        sum_gy_sh = 0.0
+        sum_gy = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
+        sum_gy_sh = _acc_init(0.0, tl.float32, ON_CHIP, BLOCK_N)
         if NORMALIZE:
             for off in range(0, n, BLOCK_N):
                 v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
                 g = tl.load(gseg + off + tl.arange(0, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
                 s_hat = (v - mean) * rstd
                 gy = tl.where(mask, tl.exp(_log_density(s_hat * inv_tau - lam, F_SIGMOID)) * (g - mean_g) * inv_tau, 0.0)
-                sum_gy += tl.sum(gy, 0)
-                sum_gy_sh += tl.sum(gy * s_hat, 0)
-        mean_gy = sum_gy / n_f
-        mean_gy_sh = sum_gy_sh / n_f
+                sum_gy = _acc_sum(sum_gy, gy, ON_CHIP)
+                sum_gy_sh = _acc_sum(sum_gy_sh, gy * s_hat, ON_CHIP)
+        mean_gy = _total_sum(sum_gy, ON_CHIP) / n_f
+        mean_gy_sh = _total_sum(sum_gy_sh, ON_CHIP) / n_f
         for off in range(0, n, BLOCK_N):
             v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
             g = tl.load(gseg + off + tl.arange(0, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
@@ -307,7 +372,7 @@ def launch_config(total_n: int, f: str, max_seqlen: Optional[int] = None, block_
     if block_n is None:
         block_n = triton.next_power_of_2(longest) if longest <= MAX_ON_CHIP else DEFAULT_BLOCK_N
     on_chip = longest <= block_n
-    return dict(BLOCK_N=block_n, ON_CHIP=on_chip, num_warps=min(32, max(4, block_n // 512)) if on_chip else 8)
+    return dict(BLOCK_N=block_n, ON_CHIP=on_chip, num_warps=min(16, max(4, block_n // 512)) if on_chip else 4)
 
 
 def soft_topk_forward(
