@@ -205,3 +205,30 @@ def test_vp_gate_argument_errors(kernel_device):
         ops.vp_gate(x.t().contiguous().t(), alpha, seed=0, backend="triton")
     with pytest.raises(ValueError, match="block_d must be a power of two"):
         ops.vp_gate(x, alpha, seed=0, block_d=3)
+
+
+def test_seed_and_offset_never_specialise_the_compiled_kernels():
+    """Compiled (not interpreted) kernels take (seed, offset) as three int32 arguments marked
+    do_not_specialize, so every seed and offset shares one compiled kernel (no recompile mid-training)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        from autoselect_fast.kernels import vp_gate as V
+        for kernel in (V._vp_gate_fwd_kernel, V._vp_gate_bwd_kernel, V._noise_kernel):
+            assert type(kernel).__name__ == "JITFunction", type(kernel)
+            flags = {p.name: p.do_not_specialize for p in kernel.params}
+            assert flags["seed_lo"] and flags["seed_hi"] and flags["offset"], flags
+        for seed, offset in ((0, 0), (1, 1), (2**62 + 5, 2**32 - 1), (2**63 - 1, 2**31)):
+            args = V._stream_args(seed, offset)
+            assert all(-2**31 <= a < 2**31 for a in args), args  # always int32: one signature
+            lo, hi, off = (a & 0xFFFFFFFF for a in args)
+            assert lo | (hi << 32) == seed and off == offset
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
