@@ -775,7 +775,8 @@ class AutoSelectEngine:
             return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=cu, selection=selection)
         scores = torch.cat(self.score(features, keys))
         # Budgets go as a host list: ΣK sizes the outputs without reading the device.
-        selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original")
+        selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
+                                 max_seqlen=max(f.shape[0] for f in features))
         return PruneResult(scores=scores, token_cu_seqlens=cu, selection=selection)
 
     # ---------------------------------------------------------------------------------------------

@@ -171,6 +171,21 @@ def _check_contiguous(name: str, t: Optional[Tensor], *, last_dim_only: bool = F
         raise ValueError(f"{name} must {what} for the Triton backend, got strides {tuple(t.stride())}; call .contiguous()")
 
 
+def _check_max_seqlen(max_seqlen: Optional[int], single_image: Optional[int], cu: Tensor, validate: bool) -> Optional[int]:
+    """The longest image's N as a host int (given, or the whole input for one image), or None.
+
+    Its value against ``cu_seqlens`` is checked only in ``validate`` mode (that reads the device)."""
+    if max_seqlen is None:
+        return single_image
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be an int >= 1 (the longest image's token count) or None, got {max_seqlen!r}")
+    if validate and cu.numel() > 1:
+        longest = int((cu[1:] - cu[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen must be at least the longest image's token count ({longest}), got {max_seqlen}")
+    return max_seqlen
+
+
 def _opts(**blocks: Optional[int]) -> dict:
     """The tile sizes that were given (each checked), as keyword arguments of the launchers."""
     for name, value in blocks.items():
@@ -194,6 +209,7 @@ def _select_launch(
     backend: str,
     block_n: Optional[int],
     block_d: Optional[int],
+    max_seqlen: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(indices (ΣK,), kept rows (ΣK, d) or an empty tensor without features, position ids)``."""
     if backend == "reference":
@@ -207,7 +223,7 @@ def _select_launch(
         opts["block_g"] = min(block_n, 64)
     indices, kept, kept_positions = _kernel_module("selection").select_tokens(
         scores=scores, features=features, k=k, cu_seqlens=cu_seqlens, kept_cu_seqlens=kept_cu_seqlens,
-        total_k=total_k, positions=positions, compact=compact, **opts,
+        total_k=total_k, positions=positions, compact=compact, max_seqlen=max_seqlen, **opts,
     )
     return indices, kept if kept is not None else scores.new_empty(0), kept_positions
 
@@ -217,7 +233,7 @@ _select_op = torch.library.custom_op("autoselect_fast::select", _select_launch, 
 
 
 @_select_op.register_fake
-def _select_fake(scores, features, k, cu_seqlens, kept_cu_seqlens, positions, total_k, compact, backend, block_n, block_d):
+def _select_fake(scores, features, k, cu_seqlens, kept_cu_seqlens, positions, total_k, compact, backend, block_n, block_d, max_seqlen=None):
     indices = scores.new_empty(total_k, dtype=torch.int64)
     kept = scores.new_empty(0) if features is None else features.new_empty(total_k, features.shape[1])
     pos_shape = (total_k,) if positions is None or positions.dim() == 1 else (positions.shape[0], total_k)
@@ -236,7 +252,7 @@ def _select_autograd(ctx, grad_indices, grad_kept, grad_positions):
     grad_features = None
     if ctx.features_shape is not None:
         grad_features = grad_kept.new_zeros(ctx.features_shape).index_add(0, indices, grad_kept)
-    return None, grad_features, None, None, None, None, None, None, None, None, None
+    return None, grad_features, None, None, None, None, None, None, None, None, None, None
 
 
 _select_op.register_autograd(_select_autograd, setup_context=_select_setup_context)
@@ -244,50 +260,51 @@ _select_op.register_autograd(_select_autograd, setup_context=_select_setup_conte
 
 @torch.library.custom_op("autoselect_fast::soft_topk", mutates_args=())
 def _soft_topk_op(
-    scores: Tensor, k: Tensor, cu_seqlens: Tensor, tau: float, f: str, normalize: bool, block_n: Optional[int]
+    scores: Tensor, k: Tensor, cu_seqlens: Tensor, tau: float, f: str, normalize: bool, block_n: Optional[int],
+    max_seqlen: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(α (ΣN,) in the dtype of scores, per-image stats (B, SOFT_TOPK_STATS) fp32 for the backward)``."""
     return _kernel_module("soft_topk").soft_topk_forward(
         scores=scores, k=k, cu_seqlens=cu_seqlens, tau=tau, f=f, normalize=normalize, eps=NORM_EPS,
-        **_opts(block_n=block_n),
+        max_seqlen=max_seqlen, **_opts(block_n=block_n),
     )
 
 
 @_soft_topk_op.register_fake
-def _soft_topk_fake(scores, k, cu_seqlens, tau, f, normalize, block_n):
+def _soft_topk_fake(scores, k, cu_seqlens, tau, f, normalize, block_n, max_seqlen=None):
     return torch.empty_like(scores), scores.new_empty((k.shape[0], SOFT_TOPK_STATS), dtype=torch.float32)
 
 
 @torch.library.custom_op("autoselect_fast::soft_topk_backward", mutates_args=())
 def _soft_topk_backward_op(
     scores: Tensor, grad_alpha: Tensor, k: Tensor, cu_seqlens: Tensor, stats: Tensor,
-    tau: float, f: str, normalize: bool, block_n: Optional[int],
+    tau: float, f: str, normalize: bool, block_n: Optional[int], max_seqlen: Optional[int] = None,
 ) -> Tensor:
     """∂L/∂scores from ∂L/∂α by the implicit formula (kernels/soft_topk.py)."""
     return _kernel_module("soft_topk").soft_topk_backward(
         scores=scores, grad_alpha=grad_alpha, k=k, cu_seqlens=cu_seqlens, stats=stats, tau=tau, f=f,
-        normalize=normalize, **_opts(block_n=block_n),
+        normalize=normalize, max_seqlen=max_seqlen, **_opts(block_n=block_n),
     )
 
 
 @_soft_topk_backward_op.register_fake
-def _soft_topk_backward_fake(scores, grad_alpha, k, cu_seqlens, stats, tau, f, normalize, block_n):
+def _soft_topk_backward_fake(scores, grad_alpha, k, cu_seqlens, stats, tau, f, normalize, block_n, max_seqlen=None):
     return torch.empty_like(scores)
 
 
 def _soft_topk_setup_context(ctx, inputs, output):
-    scores, k, cu_seqlens, tau, f, normalize, block_n = inputs
+    scores, k, cu_seqlens, tau, f, normalize, block_n, max_seqlen = inputs
     _, stats = output
     ctx.save_for_backward(scores, k, cu_seqlens, stats)
-    ctx.tau, ctx.f, ctx.normalize, ctx.block_n = tau, f, normalize, block_n
+    ctx.tau, ctx.f, ctx.normalize, ctx.block_n, ctx.max_seqlen = tau, f, normalize, block_n, max_seqlen
 
 
 def _soft_topk_autograd(ctx, grad_alpha, grad_stats):
     scores, k, cu_seqlens, stats = ctx.saved_tensors
     grad = _soft_topk_backward_op(
-        scores, grad_alpha.contiguous(), k, cu_seqlens, stats, ctx.tau, ctx.f, ctx.normalize, ctx.block_n
+        scores, grad_alpha.contiguous(), k, cu_seqlens, stats, ctx.tau, ctx.f, ctx.normalize, ctx.block_n, ctx.max_seqlen
     )
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 _soft_topk_op.register_autograd(_soft_topk_autograd, setup_context=_soft_topk_setup_context)
@@ -378,6 +395,7 @@ def select(
     positions: Optional[Tensor] = None,
     position_mode: str = "original",
     total_k: Optional[int] = None,
+    max_seqlen: Optional[int] = None,
     validate: Optional[bool] = None,
     backend: str = "auto",
     block_n: Optional[int] = None,
@@ -397,6 +415,9 @@ def select(
         position_mode: ``"original"`` or ``"compact"`` (first token's position + rank).
         total_k: ΣK when ``k`` is a tensor and the caller knows the sum; without it that sum is read
             on the host (one synchronisation on CUDA, a graph break under ``torch.compile``).
+        max_seqlen: the longest image's N when the caller knows it on the host; the kernels size their
+            on-chip blocks from it (without it ΣN bounds the longest image, which can pick the slower
+            looped kernels for a batch of many small images).
         validate: run the checks that read tensor values (finite scores, ``cu_seqlens``, k <= N,
             total_k); ``None``: ``_validation.resolve_validate``. Shapes/dtypes/devices are always checked.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (the reference always validates).
@@ -423,9 +444,10 @@ def select(
         _check_contiguous("scores", scores)
         _check_contiguous("features", features, last_dim_only=True)
         _check_contiguous("positions", positions, last_dim_only=True)
+    max_seqlen = _check_max_seqlen(max_seqlen, scores.shape[0] if cu_seqlens is None else None, cu, run_checks)
     run = _select_launch if _plain_eager_call(scores, features, positions) else _select_op
     indices, kept, kept_positions = run(
-        scores, features, k_t, cu, kept_cu, positions, total, position_mode == "compact", chosen, block_n, block_d
+        scores, features, k_t, cu, kept_cu, positions, total, position_mode == "compact", chosen, block_n, block_d, max_seqlen
     )
     return Selection(
         indices=indices, features=None if features is None else kept, position_ids=kept_positions, cu_seqlens=kept_cu
@@ -443,6 +465,7 @@ def soft_topk(
     tau: float = 1.0,
     f: str = "laplace",
     normalize: bool = True,
+    max_seqlen: Optional[int] = None,
     validate: Optional[bool] = None,
     backend: str = "auto",
     block_n: Optional[int] = None,
@@ -452,7 +475,8 @@ def soft_topk(
     Same contract as ``reference.soft_topk``; ``k`` is an int, a list of ints or an integer tensor
     ``(B,)``, ``validate`` as in :func:`select`. The Triton kernels compute in fp32 whatever the input
     dtype (α is returned in the dtype of ``scores``); Σα matches K to ~1e-6·K for N up to 16k.
-    ``block_n`` is the kernels' token block (a power of two; images longer than it are looped over).
+    ``block_n`` is the kernels' token block (a power of two; images longer than it are looped over);
+    ``max_seqlen`` the longest image's N if known on the host (as in :func:`select`).
     """
     check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
     run_checks = resolve_validate(validate, scores.device)
@@ -469,7 +493,8 @@ def soft_topk(
     if resolve_backend(backend, scores.device) == "reference":
         return reference.soft_topk(scores, k_t, cu, tau=tau, f=f, normalize=normalize)
     _check_contiguous("scores", scores)
-    alpha, _ = _soft_topk_op(scores, k_t, cu, tau, f, normalize, block_n)
+    max_seqlen = _check_max_seqlen(max_seqlen, scores.shape[0] if cu_seqlens is None else None, cu, run_checks)
+    alpha, _ = _soft_topk_op(scores, k_t, cu, tau, f, normalize, block_n, max_seqlen)
     return alpha
 
 

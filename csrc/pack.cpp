@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -30,7 +29,8 @@ void check_host_index(const at::Tensor& t, const char* name) {
 }
 
 HostPlan make_plan(const at::Tensor& text_cu, const at::Tensor& vis_cu, const at::Tensor& image_request,
-                   const at::Tensor& insert_at, int64_t text_rows, int64_t visual_rows, bool pinned) {
+                   const at::Tensor& insert_at, int64_t text_rows, int64_t visual_rows, int64_t row_bytes,
+                   bool pinned) {
   check_host_index(text_cu, "text_cu_seqlens");
   check_host_index(vis_cu, "visual_cu_seqlens");
   check_host_index(image_request, "image_request");
@@ -50,7 +50,14 @@ HostPlan make_plan(const at::Tensor& text_cu, const at::Tensor& vis_cu, const at
   p.off_insert_at = p.off_vis_cu + (I + 1);
   p.off_out_cu = p.off_insert_at + I;
   p.off_last_token = p.off_out_cu + (B + 1);
-  const int64_t size = p.off_last_token + B;
+  // Every text row and every kept visual row lands in the output once.
+  p.total_rows = text_rows + visual_rows;
+  p.rows_per_tile = rows_per_tile_for(row_bytes);
+  p.num_tiles = (p.total_rows + p.rows_per_tile - 1) / p.rows_per_tile;
+  p.off_seg_dst = p.off_last_token + B;
+  p.off_seg_src = p.off_seg_dst + (B + 2 * I + 1);
+  p.off_tile_first = p.off_seg_src + (B + 2 * I);
+  const int64_t size = p.off_tile_first + p.num_tiles;
   p.index = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
   int64_t* base = p.index.data_ptr<int64_t>();
 
@@ -102,14 +109,12 @@ HostPlan make_plan(const at::Tensor& text_cu, const at::Tensor& vis_cu, const at
     last[r] = out_cu[r + 1] - 1;
     p.max_seqlen = std::max(p.max_seqlen, len);
   }
-  p.total_rows = out_cu[B];
+  TORCH_CHECK(out_cu[B] == p.total_rows, "_C.pack_varlen: internal error: the requests do not cover every row");
   TORCH_CHECK(p.total_rows <= INT32_MAX, "_C.pack_varlen: ", p.total_rows,
               " packed tokens do not fit int32 cu_seqlens");
 
-  const PackMeta meta = p.meta(base);
-  for (int64_t s = 0; s < num_segments(meta); ++s) {
-    p.max_segment_rows = std::max(p.max_segment_rows, segment_at(meta, s).length);
-  }
+  build_segment_table(p.meta(base), p.total_rows, p.rows_per_tile, base + p.off_seg_dst, base + p.off_seg_src,
+                      base + p.off_tile_first);
   return p;
 }
 
@@ -147,18 +152,9 @@ PackResult pack_varlen_cpu(const PackInputs& in, const HostPlan& plan) {
   at::Tensor out_pos = at::empty({P, T}, in.text_positions.options());
   advise_huge_pages(out.data_ptr(), T * row_bytes);
 
-  // Segments tile the output in order, so the one holding output row t is the last segment that
-  // starts at or before t; each task copies a range of output rows, which balances the threads
-  // regardless of how segment sizes are spread.
-  const PackMeta meta = plan.meta(plan.index.data_ptr<int64_t>());
-  const int64_t S = num_segments(meta);
-  std::vector<Segment> segs(S);
-  std::vector<int64_t> starts(S);
-  for (int64_t s = 0; s < S; ++s) {
-    segs[s] = segment_at(meta, s);
-    starts[s] = segs[s].dst_begin;
-  }
-
+  // The tiles of the CUDA grid, split over the threads (each task a run of whole tiles); inside a
+  // tile, every piece of a segment is one memcpy. The segment walk is pack_index.h's, as on the GPU.
+  const SegmentTable table = plan.table(plan.index.data_ptr<int64_t>());
   const char* text = static_cast<const char*>(in.text_embeds.data_ptr());
   const char* visual = static_cast<const char*>(in.visual_embeds.data_ptr());
   const int64_t* text_pos = in.text_positions.data_ptr<int64_t>();
@@ -166,24 +162,25 @@ PackResult pack_varlen_cpu(const PackInputs& in, const HostPlan& plan) {
   char* dst = static_cast<char*>(out.data_ptr());
   int64_t* dst_pos = out_pos.data_ptr<int64_t>();
 
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-    int64_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    for (; s < S && starts[s] < end; ++s) {
-      const Segment& g = segs[s];
-      const int64_t lo = std::max(begin, g.dst_begin);
-      const int64_t hi = std::min(end, g.dst_begin + g.length);
-      if (lo >= hi) continue;
-      const int64_t src_row = g.src_begin + (lo - g.dst_begin);
-      const int64_t rows = hi - lo;
-      std::memcpy(dst + lo * row_bytes, (g.visual ? visual : text) + src_row * row_bytes,
+  const int64_t tile_bytes = std::max<int64_t>(table.rows_per_tile * row_bytes, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / tile_bytes);
+  at::parallel_for(0, table.num_tiles, grain, [&](int64_t tile_begin, int64_t tile_end) {
+    const int64_t end = std::min(T, tile_end * table.rows_per_tile);
+    int64_t row = tile_begin * table.rows_per_tile;
+    int64_t s = table.tile_first[tile_begin];
+    while (row < end) {
+      s = advance_segment(table, s, row);
+      const int64_t rows = std::min(end, table.dst[s + 1]) - row;  // the rest of the segment in range
+      const bool from_visual = segment_is_visual(table, s);
+      const int64_t src_row = source_row(table, s, row);
+      std::memcpy(dst + row * row_bytes, (from_visual ? visual : text) + src_row * row_bytes,
                   static_cast<size_t>(rows * row_bytes));
-      const int64_t* src_pos = g.visual ? visual_pos : text_pos;
-      const int64_t src_stride = g.visual ? visual_rows : text_rows;
+      const int64_t* src_pos = from_visual ? visual_pos : text_pos;
+      const int64_t src_stride = from_visual ? visual_rows : text_rows;
       for (int64_t q = 0; q < P; ++q) {
-        std::memcpy(dst_pos + q * T + lo, src_pos + q * src_stride + src_row,
-                    static_cast<size_t>(rows) * sizeof(int64_t));
+        std::memcpy(dst_pos + q * T + row, src_pos + q * src_stride + src_row, static_cast<size_t>(rows) * sizeof(int64_t));
       }
+      row += rows;
     }
   });
 
@@ -233,8 +230,9 @@ PackResult pack_varlen(const at::Tensor& text_embeds, const at::Tensor& text_pos
 #endif
   TORCH_CHECK(device.is_cpu() || on_cuda, "_C.pack_varlen: unsupported device ", device);
 
+  const int64_t row_bytes = text_embeds.size(1) * static_cast<int64_t>(text_embeds.element_size());
   const HostPlan plan = make_plan(text_cu_seqlens, visual_cu_seqlens, image_request, image_insert_at,
-                                  text_embeds.size(0), visual_embeds.size(0), /*pinned=*/on_cuda);
+                                  text_embeds.size(0), visual_embeds.size(0), row_bytes, /*pinned=*/on_cuda);
 
   PackResult result;
 #ifdef AUTOSELECT_FAST_WITH_CUDA

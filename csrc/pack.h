@@ -31,9 +31,11 @@ struct HostPlan {
   int64_t num_images = 0;
   int64_t off_text_cu = 0, off_img_begin = 0, off_vis_cu = 0, off_insert_at = 0;
   int64_t off_out_cu = 0, off_last_token = 0;
+  int64_t off_seg_dst = 0, off_seg_src = 0, off_tile_first = 0;  // the SegmentTable (pack_index.h)
   int64_t total_rows = 0;        // T
   int64_t max_seqlen = 0;        // longest request
-  int64_t max_segment_rows = 0;  // longest contiguous segment (sizes the CUDA grid)
+  int64_t rows_per_tile = 1;     // output rows per copy tile (rows_per_tile_for(row bytes))
+  int64_t num_tiles = 0;         // ceil(T / rows_per_tile): the CUDA grid
 
   // The tables as seen through `base`: index.data_ptr() on the host, or the device copy's.
   PackMeta meta(const int64_t* base) const {
@@ -46,6 +48,17 @@ struct HostPlan {
     m.num_requests = num_requests;
     m.num_images = num_images;
     return m;
+  }
+
+  SegmentTable table(const int64_t* base) const {
+    SegmentTable t;
+    t.dst = base + off_seg_dst;
+    t.src = base + off_seg_src;
+    t.tile_first = base + off_tile_first;
+    t.num_segments = num_requests + 2 * num_images;
+    t.rows_per_tile = rows_per_tile;
+    t.num_tiles = num_tiles;
+    return t;
   }
 };
 

@@ -26,7 +26,7 @@ PackResult pack_varlen_cuda(const PackInputs& in, const HostPlan& plan) {
   at::Tensor out_pos = at::empty({in.pos_planes, T}, in.text_positions.options());
 
   PackKernelArgs args;
-  args.meta = plan.meta(index.data_ptr<int64_t>());
+  args.table = plan.table(index.data_ptr<int64_t>());
   args.text = in.text_embeds.data_ptr();
   args.visual = in.visual_embeds.data_ptr();
   args.out = out.data_ptr();
@@ -38,7 +38,6 @@ PackResult pack_varlen_cuda(const PackInputs& in, const HostPlan& plan) {
   args.text_rows = in.text_embeds.size(0);
   args.visual_rows = in.visual_embeds.size(0);
   args.total_rows = T;
-  args.max_segment_rows = plan.max_segment_rows;
   C10_CUDA_CHECK(launch_pack_varlen(args, stream));
 
   at::Tensor cu = index.narrow(0, plan.off_out_cu, plan.num_requests + 1).to(at::kInt);

@@ -13,6 +13,13 @@
 // (empty text around an image, an image with 0 kept tokens) are legal and copy nothing.
 // Segments of the whole batch are numbered request after request: request r starts at segment
 // r + 2 * img_begin[r], and there are B + 2 I of them.
+//
+// Copy plan. The host flattens the segments once into a SegmentTable (build_segment_table, from
+// segment_at) and cuts the output into tiles of rows_per_tile rows, recording the first segment of
+// each tile. Both paths then walk output rows tile by tile: advance_segment moves to the segment
+// holding a row (a few steps at most, past empty segments) and the row's source follows by offset,
+// so the CUDA kernel is a 1-D grid over output tiles with no search and no idle blocks, and the CPU
+// path splits the same tiles over its threads.
 #pragma once
 
 #include <stdint.h>
@@ -97,6 +104,54 @@ AS_HOST_DEVICE Segment segment_at(const PackMeta& m, int64_t s) {
     seg.dst_begin = out_base + local_begin + (m.vis_cu[ib + c] - m.vis_cu[ib]);
   }
   return seg;
+}
+
+// The flattened segments and the tiling of the output (arrays in the plan's index buffer).
+struct SegmentTable {
+  const int64_t* dst;         // (S+1) first output row of each segment; dst[S] = total rows T
+  const int64_t* src;         // (S)   first source row; a visual segment stores -(row + 1)
+  const int64_t* tile_first;  // (num_tiles) the segment holding the first row of each tile
+  int64_t num_segments;       // S
+  int64_t rows_per_tile;
+  int64_t num_tiles;          // ceil(T / rows_per_tile)
+};
+
+// Output rows per tile: about 32 KiB of row data, at most 16 rows (so short rows still make
+// several tiles, and tests with small H cross tile boundaries).
+AS_HOST_DEVICE int64_t rows_per_tile_for(int64_t row_bytes) {
+  const int64_t rows = row_bytes > 0 ? (int64_t{32} << 10) / row_bytes : 16;
+  return rows < 1 ? 1 : (rows > 16 ? 16 : rows);
+}
+
+// Fills dst (S+1), src (S) and tile_first (num_tiles) from the metadata (host side, O(S + tiles)).
+inline void build_segment_table(const PackMeta& m, int64_t total_rows, int64_t rows_per_tile, int64_t* dst,
+                                int64_t* src, int64_t* tile_first) {
+  const int64_t S = num_segments(m);
+  for (int64_t s = 0; s < S; ++s) {
+    const Segment seg = segment_at(m, s);
+    dst[s] = seg.dst_begin;
+    src[s] = seg.visual ? -(seg.src_begin + 1) : seg.src_begin;
+  }
+  dst[S] = total_rows;
+  int64_t s = 0;
+  for (int64_t t = 0; t * rows_per_tile < total_rows; ++t) {
+    while (dst[s + 1] <= t * rows_per_tile) ++s;  // skips empty segments; dst[S] = T stops it
+    tile_first[t] = s;
+  }
+}
+
+// The segment holding output row `row`, walking forward from segment s (s must not be past it).
+AS_HOST_DEVICE int64_t advance_segment(const SegmentTable& t, int64_t s, int64_t row) {
+  while (t.dst[s + 1] <= row) ++s;
+  return s;
+}
+
+// Whether segment s copies visual rows, and the source row of output row `row` inside it.
+AS_HOST_DEVICE bool segment_is_visual(const SegmentTable& t, int64_t s) { return t.src[s] < 0; }
+
+AS_HOST_DEVICE int64_t source_row(const SegmentTable& t, int64_t s, int64_t row) {
+  const int64_t begin = t.src[s] < 0 ? -t.src[s] - 1 : t.src[s];
+  return begin + (row - t.dst[s]);
 }
 
 }  // namespace autoselect_fast

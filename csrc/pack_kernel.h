@@ -13,7 +13,7 @@
 namespace autoselect_fast {
 
 struct PackKernelArgs {
-  PackMeta meta;                // index tables in device memory
+  SegmentTable table;           // segment table and output tiling, in device memory
   const void* text;             // (text_rows, row_bytes) bytes
   const void* visual;           // (visual_rows, row_bytes) bytes
   void* out;                    // (total_rows, row_bytes) bytes
@@ -25,7 +25,6 @@ struct PackKernelArgs {
   int64_t text_rows;
   int64_t visual_rows;
   int64_t total_rows;
-  int64_t max_segment_rows;     // longest segment (host-computed): sizes the grid
 };
 
 // Enqueues the copy on `stream`; returns the launch status (never synchronises).

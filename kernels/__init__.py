@@ -36,3 +36,36 @@ def jit_functions(module) -> list:
         if type(obj).__name__ in _JIT_TYPES:
             found.append(obj)
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (read by tools/compile_gate.py; no triton import needed here)
+# --------------------------------------------------------------------------------------------------
+from typing import Any, NamedTuple  # noqa: E402
+
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                 "int32": "i32", "int64": "i64", "uint8": "u8", "int8": "i8", "bool": "i1"}
+
+
+def pointer_type(dtype) -> str:
+    """Triton's signature string of a pointer to elements of ``dtype`` (a torch dtype), e.g. ``*fp16``."""
+    return "*" + _TRITON_TYPES[str(dtype).removeprefix("torch.")]
+
+
+class CompileCase(NamedTuple):
+    """One launch configuration of a kernel, as its launcher really launches it.
+
+    ``signature`` maps every runtime argument to its Triton type (``*fp16``, ``i32``, ``fp32``, ...);
+    ``constexprs`` gives the compile-time arguments; ``aligned`` names the integer arguments that are
+    multiples of 16 at this configuration (Triton specialises on that, pointers from torch always are).
+    Spills at a ``production`` case fail the gate; other cases are reported only.
+    """
+
+    name: str
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+    aligned: tuple = ()
+    production: bool = True

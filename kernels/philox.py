@@ -1,13 +1,15 @@
-"""Host replay of Triton's ``tl.randn(seed, offset)`` stream, in NumPy (no Triton import).
+"""Host replay of the VP gate's noise stream (``kernels/vp_gate.py``), in NumPy (no Triton import).
 
 This module owns ``philox_randn``: the reference backend of ``ops.vp_gate`` uses it so that a CPU run
 without Triton draws the same ε from (seed, offset) as the VP-gate kernels do (equal to the kernels'
-fp32 noise up to the last bits of log/cos/sqrt, which differ between NumPy and a GPU's math units).
+fp32 noise up to the last bits of log2/sqrt/sin/cos, which differ between NumPy and a GPU's math units;
+bit-equal to the kernels in Triton's interpreter).
 
-Triton's recipe (``triton/language/random.py``): counters (c0, c1, c2, c3) = (lo32(i), hi32(i), 0, 0)
-for the index i (the kernels use 32-bit counters, so hi32(i) = 0), key (lo32(seed), hi32(seed)), ten Philox-4x32 rounds; the first two outputs,
-read as int32, become uniforms ``(x if x >= 0 else ~x) · 4.6566127342e-10`` and then one Box-Muller
-normal ``sqrt(-2 log max(u1, 1e-7)) · cos(2π u2)``, all in fp32.
+The stream (keep in step with ``vp_gate._tile_noise``): element e uses the Philox-4x32-10 call with
+counters (e >> 2, 0, 0, 0) and key (lo32(seed), hi32(seed)); its four outputs, read as int32, become
+uniforms ``(x if x >= 0 else ~x) · 4.6566127342e-10``; Box-Muller on (u0, u1) gives lanes 0 and 1
+(r cos θ, r sin θ), on (u2, u3) lanes 2 and 3, with r = sqrt(-2 ln 2 · log2(max(u_a, 1e-7))) and
+θ = 2π u_b - π; element e takes lane e & 3. All arithmetic in fp32.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ def _uniform(bits: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
-def philox_randn(numel: int, seed: int, offset: int = 0) -> np.ndarray:
-    """fp32 normals for the indices ``offset .. offset + numel - 1`` of the stream ``seed``."""
-    idx = np.arange(numel, dtype=np.uint64) + np.uint64(offset)
-    c0, c1 = idx & _M32, idx >> np.uint64(32)
+def philox4x32(counter: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """The four uint32 outputs (as uint64 arrays) of Philox-4x32-10 for counters (counter, 0, 0, 0)."""
+    c0 = counter.astype(np.uint64) & _M32
+    c1 = np.zeros_like(c0)
     c2 = np.zeros_like(c0)
     c3 = np.zeros_like(c0)
     k0, k1 = np.uint64(seed) & _M32, (np.uint64(seed) >> np.uint64(32)) & _M32
@@ -41,8 +43,24 @@ def philox_randn(numel: int, seed: int, offset: int = 0) -> np.ndarray:
         c3 = prod_a & _M32
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-    u1 = np.maximum(np.float32(1e-7), _uniform(c0))
-    u2 = _uniform(c1)
-    theta = np.float32(6.283185307179586) * u2
-    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-    return (radius * np.cos(theta)).astype(np.float32)
+    return c0, c1, c2, c3
+
+
+def _box_muller(bits_a: np.ndarray, bits_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u_a = np.maximum(_uniform(bits_a), np.float32(1e-7))
+    theta = _uniform(bits_b) * np.float32(6.283185307179586) - np.float32(3.141592653589793)
+    r = np.sqrt(np.log2(u_a) * np.float32(-1.3862943611198906))
+    return (r * np.cos(theta)).astype(np.float32), (r * np.sin(theta)).astype(np.float32)
+
+
+def philox_randn(numel: int, seed: int, offset: int = 0) -> np.ndarray:
+    """fp32 normals for the stream elements ``offset .. offset + numel - 1`` of the stream ``seed``."""
+    if numel == 0:
+        return np.zeros(0, dtype=np.float32)
+    first_group, last_group = offset >> 2, (offset + numel - 1) >> 2
+    b0, b1, b2, b3 = philox4x32(np.arange(first_group, last_group + 1, dtype=np.uint64), seed)
+    n0, n1 = _box_muller(b0, b1)
+    n2, n3 = _box_muller(b2, b3)
+    stream = np.stack([n0, n1, n2, n3], axis=1).reshape(-1)  # element 4g + lane
+    start = offset - 4 * first_group
+    return stream[start:start + numel].copy()

@@ -446,3 +446,34 @@ def test_pytest_refuses_the_interpreter_on_a_gpu_machine():
     )
     assert proc.returncode != 0
     assert "TRITON_INTERPRET=1 is set on a machine with a GPU" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# max_seqlen: the longest image from the host sizes the kernels' blocks
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_max_seqlen_from_the_host_gives_the_same_selection_and_mask(backend):
+    if backend == "triton" and ops.resolve_backend("auto", torch.device("cpu")) != "triton":
+        pytest.skip("the Triton interpreter is not enabled")
+    gen = torch.Generator().manual_seed(11)
+    lengths = [7, 19, 3]
+    scores = torch.randn(sum(lengths), generator=gen)
+    feats = torch.randn(sum(lengths), 5, generator=gen)
+    cu = R.cu_seqlens_from_lengths(lengths)
+    budgets = [2, 5, 3]
+    plain = ops.select(scores, feats, budgets, cu, backend=backend)
+    sized = ops.select(scores, feats, budgets, cu, max_seqlen=max(lengths), backend=backend)
+    for name in ("indices", "features", "position_ids", "cu_seqlens"):
+        assert torch.equal(getattr(plain, name), getattr(sized, name)), name
+    alpha = ops.soft_topk(scores, budgets, cu, tau=0.5, backend=backend)
+    alpha_sized = ops.soft_topk(scores, budgets, cu, tau=0.5, max_seqlen=max(lengths), backend=backend)
+    torch.testing.assert_close(alpha_sized, alpha, rtol=1e-6, atol=1e-6)
+
+
+def test_max_seqlen_errors():
+    scores = torch.randn(26)
+    cu = R.cu_seqlens_from_lengths([7, 19])
+    with pytest.raises(ValueError, match="max_seqlen must be at least the longest image's token count \\(19\\), got 10"):
+        ops.select(scores, None, [2, 2], cu, max_seqlen=10, validate=True)
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= 1"):
+        ops.soft_topk(scores, [2, 2], cu, max_seqlen=0, validate=True)

@@ -3,8 +3,9 @@
 Tolerance, every dtype (fp32, fp16, bf16, and fp64 scores): none. Selection is exact: the same
 indices, the same rows bit-for-bit, the same position ids and offsets.
 
-Small tiles (block_n=32) make the radix passes and the emit loop run more than once on the 130-token
-image; block_d=8 on 20-wide features gives three column programs per image (test_select_column_programs).
+Small tiles (block_n=32) make the looped kernel's radix passes and emit loop run more than once on the
+130-token image; default tiles (TILES "on_chip") hold each image's keys in registers. block_d=8 on
+20-wide features gives three column programs per kept-row block of the gather (test_select_column_programs).
 """
 import os
 import subprocess
@@ -20,6 +21,7 @@ from autoselect_fast import reference as R
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LENGTHS = [[1], [5], [1, 37, 130]]
 SMALL = dict(block_n=32, block_d=32)
+TILES = pytest.mark.parametrize("tiles", [SMALL, {}], ids=["looped", "on_chip"])
 
 
 def make_inputs(lengths, dtype, device, *, d=20, seed=0, ties=False):
@@ -63,10 +65,11 @@ def reference_on_cpu(scores, features, k, cu, **kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 @pytest.mark.parametrize("k_mode", ["one", "mid", "all"])
-def test_select_matches_reference(kernel_device, dtype, lengths, k_mode):
+@TILES
+def test_select_matches_reference(kernel_device, dtype, lengths, k_mode, tiles):
     scores, features, cu = make_inputs(lengths, dtype, kernel_device)
     k = budgets(lengths, k_mode).to(kernel_device)
-    got = ops.select(scores, features, k, cu, backend="triton", **SMALL)
+    got = ops.select(scores, features, k, cu, backend="triton", **tiles)
     assert_same_selection(got, reference_on_cpu(scores, features, k, cu))
 
 
@@ -92,11 +95,12 @@ def test_select_positions(kernel_device, position_mode, pos_kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_select_ties_go_to_the_lower_index(kernel_device, dtype):
+@TILES
+def test_select_ties_go_to_the_lower_index(kernel_device, dtype, tiles):
     lengths = [40, 33]
     scores, features, cu = make_inputs(lengths, dtype, kernel_device, seed=3, ties=True)
     for k in (1, 5, 17, 33):
-        got = ops.select(scores, features, k, cu, backend="triton", **SMALL)
+        got = ops.select(scores, features, k, cu, backend="triton", **tiles)
         assert_same_selection(got, reference_on_cpu(scores, features, k, cu))
 
 
@@ -119,7 +123,7 @@ def test_select_constant_scores_keep_the_first_k(kernel_device):
 
 
 def test_select_default_tiles_and_large_image(kernel_device):
-    """Default tile sizes; a 1,000-token image spans several 256-token radix blocks."""
+    """Default tile sizes: both images on chip (one 2,048-token block), and a 16-row gather block."""
     lengths = [1000, 576]
     scores, features, cu = make_inputs(lengths, torch.float16, kernel_device, d=160, seed=4)
     k = torch.tensor([64, 64], device=kernel_device)

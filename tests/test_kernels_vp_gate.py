@@ -66,6 +66,16 @@ def test_vp_gate_matches_reference_with_the_kernels_noise(kernel_device, dtype, 
     assert rel_err(ga, ga_ref) <= ALPHA_RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vp_gate_aligned_fast_path_matches_reference(kernel_device, dtype):
+    """d and offset multiples of 4: one Philox call per four elements (the other tests use offset 77)."""
+    x, alpha = make_inputs((13, 24), dtype, kernel_device, seed=4)
+    (out, gx, ga), (out_ref, gx_ref, ga_ref) = run_both(x, alpha, seed=2**33 + 5, offset=2**32 - 13 * 24 - 4)
+    assert rel_err(out, out_ref) <= OUT_RTOL[dtype]
+    assert rel_err(gx, gx_ref) <= OUT_RTOL[dtype]
+    assert rel_err(ga, ga_ref) <= ALPHA_RTOL[dtype]
+
+
 def test_vp_gate_fp32_alpha_with_bf16_x(kernel_device):
     x, alpha = make_inputs((37, 20), torch.bfloat16, kernel_device, alpha_dtype=torch.float32, seed=3)
     (out, gx, ga), (out_ref, gx_ref, ga_ref) = run_both(x, alpha, seed=5, offset=0, block_d=32)
@@ -103,7 +113,33 @@ def test_host_replay_of_the_philox_stream_matches_the_kernel(kernel_device):
     shape, seed, offset = (33, 17), 2**40 + 12345, 2**32 - 33 * 17
     kernel = ops.vp_gate_noise(shape, seed, offset, device=kernel_device, backend="triton").cpu()
     host = ops.vp_gate_noise(shape, seed, offset, backend="reference")
-    assert torch.allclose(kernel, host, rtol=1e-5, atol=1e-5)  # bit-equal in the interpreter
+    assert torch.allclose(kernel, host, rtol=1e-5, atol=1e-5)
+    if kernel_device.type == "cpu":  # the interpreter runs the same fp32 NumPy math: bit-equal
+        assert torch.equal(kernel, host)
+        for shape, offset in (((8, 16), 0), ((3, 7), 5), ((1,), 2**32 - 1)):  # aligned and unaligned tiles
+            assert torch.equal(ops.vp_gate_noise(shape, seed, offset, backend="triton"),
+                               ops.vp_gate_noise(shape, seed, offset, backend="reference"))
+
+
+def test_four_normals_per_philox_call_follow_the_documented_stream():
+    """kernels/philox.py: element e is lane e & 3 of the Philox call e >> 2, Box-Muller on both pairs."""
+    import numpy as np
+
+    from autoselect_fast.kernels import philox
+
+    seed = 2**40 + 3
+    stream = philox.philox_randn(12, seed, 0)
+    b = philox.philox4x32(np.arange(3, dtype=np.uint64), seed)
+    u = [philox._uniform(v).astype(np.float64) for v in b]
+    r01 = np.sqrt(-2.0 * np.log(np.maximum(u[0], 1e-7)))
+    r23 = np.sqrt(-2.0 * np.log(np.maximum(u[2], 1e-7)))
+    th01, th23 = 2 * np.pi * u[1] - np.pi, 2 * np.pi * u[3] - np.pi
+    want = np.stack([r01 * np.cos(th01), r01 * np.sin(th01), r23 * np.cos(th23), r23 * np.sin(th23)], 1).reshape(-1)
+    assert np.allclose(stream, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(philox.philox_randn(5, seed, 7), stream[7:12])
+    # Philox-4x32-10 known-answer test (Random123's kat_vectors: counter 0, key 0).
+    zero = philox.philox4x32(np.zeros(1, dtype=np.uint64), 0)
+    assert [int(v[0]) for v in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
 def test_noise_statistics_are_standard_normal(kernel_device):
@@ -169,3 +205,30 @@ def test_vp_gate_argument_errors(kernel_device):
         ops.vp_gate(x.t().contiguous().t(), alpha, seed=0, backend="triton")
     with pytest.raises(ValueError, match="block_d must be a power of two"):
         ops.vp_gate(x, alpha, seed=0, block_d=3)
+
+
+def test_seed_and_offset_never_specialise_the_compiled_kernels():
+    """Compiled (not interpreted) kernels take (seed, offset) as three int32 arguments marked
+    do_not_specialize, so every seed and offset shares one compiled kernel (no recompile mid-training)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        from autoselect_fast.kernels import vp_gate as V
+        for kernel in (V._vp_gate_fwd_kernel, V._vp_gate_bwd_kernel, V._noise_kernel):
+            assert type(kernel).__name__ == "JITFunction", type(kernel)
+            flags = {p.name: p.do_not_specialize for p in kernel.params}
+            assert flags["seed_lo"] and flags["seed_hi"] and flags["offset"], flags
+        for seed, offset in ((0, 0), (1, 1), (2**62 + 5, 2**32 - 1), (2**63 - 1, 2**31)):
+            args = V._stream_args(seed, offset)
+            assert all(-2**31 <= a < 2**31 for a in args), args  # always int32: one signature
+            lo, hi, off = (a & 0xFFFFFFFF for a in args)
+            assert lo | (hi << 32) == seed and off == offset
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -185,10 +185,11 @@ class AutoSelectObjective(nn.Module):
         param = next(self.scorer.parameters())
         flat = torch.cat(features).to(device=param.device, dtype=param.dtype).contiguous()
         cu = cu_seqlens_from_lengths(lengths).to(flat.device)
-        k = torch.tensor(budgets, dtype=torch.int64, device=flat.device)
 
         scores = self.scorer(flat, cu)
-        alpha = ops.soft_topk(scores.float().contiguous(), k, cu, tau=tau, f=self.soft_topk_f, normalize=True, backend=self.kernel_backend)
+        # Budgets and the longest image go as host ints: no device read, and the kernels size their blocks.
+        alpha = ops.soft_topk(scores.float().contiguous(), budgets, cu, tau=tau, f=self.soft_topk_f, normalize=True,
+                              max_seqlen=max(lengths), backend=self.kernel_backend)
         gated = self._gate(flat, alpha.to(flat.dtype), cu, batch.slots, step, seed)
         denoised = self.denoiser(gated, cu) if isinstance(self.denoiser, GlobalDenoiser) else self.denoiser(gated)
         projected = adapter.project(denoised).split(lengths)
