@@ -70,6 +70,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
 
     settings = ReportSettings(
         preset=args.preset, keeps=args.keep, device=args.device, dtype=args.dtype, batch=args.batch,
+        mixed_batch=args.mixed_batch, mixed_text=tuple(args.mixed_text),
         warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
     )
     return run_report(settings)
@@ -82,10 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="TTFT report: full model against pruned budgets (vision, pruning, prefill, FLOPs)")
     bench.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model preset (default: CPU-sized LLaVA-1.5 shape)")
-    bench.add_argument("--keep", type=int, nargs="*", default=[], help="budgets K to add to the preset's (192 128 64 for LLaVA-1.5)")
+    bench.add_argument("--keep", type=int, nargs="*", default=[], help="budgets K, replacing the preset's (192 128 64 for LLaVA-1.5)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: the preset's (fp32 on the CPU preset, fp16 otherwise)")
-    bench.add_argument("--batch", type=int, default=1, help="requests per prefill")
+    bench.add_argument("--batch", type=int, default=1, help="requests per prefill in the single-prompt-shape scenario")
+    bench.add_argument("--mixed-batch", type=int, default=None, metavar="B",
+                       help="requests in the mixed-prompt batch scenario, timed at the smallest K (default: the preset's, 8 for default; 0: skip it)")
+    bench.add_argument("--mixed-text", type=int, nargs=2, default=[10, 200], metavar=("LOW", "HIGH"),
+                       help="text tokens per prompt in the mixed scenario, spread evenly from LOW to HIGH (default: 10 200)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
