@@ -533,6 +533,7 @@ def run_report(settings: ReportSettings) -> dict:
         "pruning_module_alone": pruning_alone,
         "noise_threshold_max_over_min": NOISE_MAX_OVER_MIN,
     }
+    report["summary"] = report_summary(report)
     report["warnings"] = report_warnings(report)
     say("[3/3] results")
     print(format_report(report))
@@ -540,7 +541,9 @@ def run_report(settings: ReportSettings) -> dict:
     stem = os.path.join(settings.out_dir, report_stem(preset.name, device, dtype_name, settings.batch, mixed_batch))
     with open(stem + ".json", "w") as fh:
         json.dump(report, fh, indent=2)
-    print(f"JSON: {stem}.json")
+    with open(stem + ".md", "w") as fh:
+        fh.write(format_markdown(report))
+    print(f"JSON: {stem}.json\nmarkdown tables: {stem}.md")
     if settings.plot:
         plot_report(report, stem + ".png")
         print(f"plot: {stem}.png")
@@ -566,20 +569,45 @@ def _pruning_module_alone(setup: BenchSetup, requests: list[Request], keeps: lis
     return out
 
 
-def report_warnings(report: dict) -> list[str]:
-    """Noisy measurements and speedups above their FLOP ratio, one line each."""
+def _row(scenario: dict, contender: str, keep) -> Optional[dict]:
+    return next((r for r in scenario["rows"] if r["contender"] == contender and r["keep"] == keep), None)
+
+
+def report_summary(report: dict) -> list[str]:
+    """The headline ratios, one line each: the engine's own path against transformers, pruning against
+    the baseline and its FLOP ratio, packing against the peers' padding."""
     lines = []
     for s in report["scenarios"]:
+        base = s["rows"][0]
+        full = _row(s, "engine", None)
+        if full is not None:
+            lines.append(f"{s['name']}: engine with every token kept takes {full['stages']['total']['median_ms'] / base['stages']['total']['median_ms']:.2f}x "
+                         f"the TTFT of {base['contender']} (LLM prefill {full['stages']['prefill']['median_ms'] / base['stages']['prefill']['median_ms']:.2f}x)")
         for r in s["rows"]:
-            label = f"{s['name']}: {r['contender']} {_config(r)}"
-            if r["noisy"]:
-                spread = ", ".join(f"{'TTFT' if stage == 'total' else 'LLM prefill'} max/min = "
-                                   f"{r['stages'][stage]['max_ms'] / r['stages'][stage]['min_ms']:.2f}" for stage in r["noisy"])
-                lines.append(f"NOISY {label}: {spread} > {report['noise_threshold_max_over_min']}; the machine was busy: "
-                             "re-run on a quiet machine (or with more --repeats) before quoting these numbers")
-            for kind in r["suspect"]:
-                lines.append(f"SUSPECT {label}: {kind} speedup {r['speedup'][kind]:.2f}x exceeds the FLOP ratio {r['speedup']['flops_ratio']:.2f}x; "
-                             f"the baseline is slower than its FLOPs explain (or the run was noisy)")
+            if r["contender"] == "engine" and r["keep"] is not None:
+                x = r["speedup"]
+                vs_peers = f"; against the peers' padded batch: TTFT {r['ttft_speedup_vs_peers']:.2f}x (theirs / ours)" if "ttft_speedup_vs_peers" in r else ""
+                lines.append(f"{s['name']}: engine K={r['keep']}: prefill {x['prefill']:.2f}x, TTFT {x['ttft']:.2f}x faster than {base['contender']}; "
+                             f"FLOP ratio {x['flops_ratio']:.2f}x (prefill speedup = {x['prefill'] / x['flops_ratio']:.2f} of it){vs_peers}")
+    return lines
+
+
+def report_warnings(report: dict) -> list[str]:
+    """One NOISY line per scenario with spread-out measurements, one SUSPECT line per speedup above its FLOP ratio."""
+    lines = []
+    threshold = report["noise_threshold_max_over_min"]
+    for s in report["scenarios"]:
+        noisy = [f"{r['contender']} {_config(r)} (" + ", ".join(
+            f"{'TTFT' if stage == 'total' else 'prefill'} {r['stages'][stage]['max_ms'] / r['stages'][stage]['min_ms']:.2f}" for stage in r["noisy"]) + ")"
+            for r in s["rows"] if r["noisy"]]
+        if noisy:
+            lines.append(f"NOISY {s['name']}: max/min above {threshold} for {'; '.join(noisy)}. The machine was busy: "
+                         "re-run on a quiet machine (or with more --repeats) before quoting these numbers.")
+        for r in s["rows"]:
+            if r["suspect"]:
+                which = ", ".join(f"{kind} {r['speedup'][kind]:.2f}x" for kind in r["suspect"])
+                lines.append(f"SUSPECT {s['name']}: {r['contender']} {_config(r)}: speedup ({which}) above the FLOP ratio "
+                             f"{r['speedup']['flops_ratio']:.2f}x: less work cannot explain it; the baseline was slow (or the run noisy).")
     return lines
 
 
@@ -608,7 +636,7 @@ def format_scenario(scenario: dict) -> str:
         )
     for r in scenario["rows"]:
         if "ttft_speedup_vs_peers" in r:
-            lines.append(f"engine {_config(r)}: TTFT {r['ttft_speedup_vs_peers']:.2f}x faster than the peers' padded batch at the same K")
+            lines.append(f"engine {_config(r)} against the peers' padded batch at the same K: TTFT {r['ttft_speedup_vs_peers']:.2f}x (peers' TTFT / engine's)")
     if scenario["batch"] > 1:
         lines.append("per request (a batched prefill gives every request its first token when the batch ends: "
                      "per-request TTFT = the batch's TTFT above):")
@@ -642,9 +670,36 @@ def format_report(report: dict) -> str:
         share = inside["stages"]["prune"]["median_ms"] / inside["stages"]["total"]["median_ms"]
         lines.append(f"pruning module at K={p['keep']}: {p['median_ms']:.3f} ms timed alone, "
                      f"{inside['stages']['prune']['median_ms']:.3f} ms inside the engine's TTFT = {100 * share:.2f} % of TTFT")
+    lines += ["", "summary (medians):", *(f"  {line}" for line in report["summary"])]
     if report["warnings"]:
         lines += ["", *report["warnings"]]
     return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    """The README's tables: one per scenario, medians in ms, then the summary and any warnings."""
+    env = report["environment"]
+    out = [
+        f"`{report['preset']}` preset, {env['device']}, torch {env['torch']}, transformers {env['transformers']}, {report['dtype']}; "
+        f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up (min-max in the JSON). "
+        f"Baseline: {report['baseline']}.",
+    ]
+    for s in report["scenarios"]:
+        out += ["", f"**{s['name']}** ({s['description']}):", "",
+                "| config | contender | LLM seq | LLM tokens | vision ms | pruning ms | glue ms | LLM prefill ms | TTFT ms | prefill GFLOPs | prefill × | TTFT × | FLOP × |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            st, x = r["stages"], r["speedup"]
+            mark = {k: " (!)" if k in r["suspect"] else "" for k in ("ttft", "prefill")}
+            out.append(
+                f"| {_config(r)} | {r['contender']} | {max(r['sequence_lengths'])} | {r['llm_tokens']} | {st['vision']['median_ms']:.1f} | "
+                f"{st['prune']['median_ms']:.2f} | {st['pack']['median_ms']:.1f} | {st['prefill']['median_ms']:.1f} | {st['total']['median_ms']:.1f} | "
+                f"{r['prefill_flops'] / 1e9:.1f} | {x['prefill']:.2f}×{mark['prefill']} | {x['ttft']:.2f}×{mark['ttft']} | {x['flops_ratio']:.2f}× |"
+            )
+    out += ["", *(f"* {line}" for line in report["summary"])]
+    if report["warnings"]:
+        out += ["", "Warnings of this run:", "", *(f"* {line}" for line in report["warnings"])]
+    return "\n".join(out) + "\n"
 
 
 # Kept for callers of the previous API: the whole report as text.

@@ -122,8 +122,9 @@ def test_speedups_suspect_and_noisy_flags(monkeypatch):
     assert suspect["stages"]["total"] == {"median_ms": 15.0, "min_ms": 10.0, "max_ms": 20.0}  # warm-up sample (10) dropped
     assert suspect["suspect"] == ["ttft", "prefill"] and suspect["noisy"] == ["prefill", "total"]
     lines = R.report_warnings({"scenarios": [out], "noise_threshold_max_over_min": 1.3})
-    assert any(line.startswith("NOISY single: suspect K=4") and "re-run" in line for line in lines)
-    assert any(line.startswith("SUSPECT single: suspect K=4: ttft speedup") for line in lines)
+    assert lines[0].startswith("NOISY single: max/min above 1.3 for suspect K=4 (prefill 2.00, TTFT 2.00)") and "re-run" in lines[0]
+    assert lines[1].startswith("SUSPECT single: honest K=4: speedup (prefill 3.20x) above the FLOP ratio 2.50x")
+    assert lines[2].startswith("SUSPECT single: suspect K=4: speedup (ttft 6.67x, prefill 10.67x)") and len(lines) == 3
 
 
 def test_noise_helpers():
@@ -161,6 +162,9 @@ def test_report_on_tiny_preset(tmp_path):
     assert saved["environment"]["torch"] == torch.__version__ and saved["dtype"] == "fp32"
     assert saved["baseline"].startswith("transformers: unmodified LlavaForConditionalGeneration.forward (attn_implementation=sdpa")
     assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.md").read_text()
+    assert markdown.count("| config | contender |") == 2 and "| K=2 | engine |" in markdown
+    assert any(line.startswith("single: engine K=2: prefill") for line in saved["summary"])
     text = format_report(saved)
     assert "legend:" in text and "glue" in text and "FLOP x" in text and "% padding" in text and "K=2" in text
 
