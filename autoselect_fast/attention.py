@@ -11,8 +11,10 @@ Backends, in order of preference for ``backend="auto"``:
   keyword arguments changed between releases (causal is ``window_size=(-1, 0)`` from 2.10 on,
   ``is_causal=True`` before; ``enable_gqa`` is not in every release), so they are chosen from its
   signature at run time;
-* ``"sdpa"``: the reference, a loop over the segments with ``F.scaled_dot_product_attention``
-  (any device, any dtype).
+* ``"sdpa"``: a loop over the segments with ``F.scaled_dot_product_attention`` on 4-D views (any
+  device, any dtype). On CPU this takes torch's flash-attention CPU kernel (GQA without expanding
+  K/V), as fast as transformers' own ``sdpa`` attention on the same tokens; on CUDA it is restricted
+  to the fused kernels and ``"auto"`` only lands on it with a warning.
 
 Causality when a segment has more keys than queries follows FlashAttention: the mask is aligned to
 the bottom right (query i of Lq sees keys 0..Lk-Lq+i). Grouped-query attention (fewer key/value heads
@@ -41,6 +43,7 @@ import importlib.util
 import inspect
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -100,14 +103,30 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     """The concrete backend ``backend`` stands for on ``device``/``dtype``; raises if it cannot run there."""
     check_choice("attention_backend", backend, ATTENTION_BACKENDS)
     if backend == "auto":
+        reasons = {}
         for candidate in ("flash_attn", "torch_varlen"):
-            if backend_unavailable_reason(candidate, device, dtype) is None:
+            reasons[candidate] = backend_unavailable_reason(candidate, device, dtype)
+            if reasons[candidate] is None:
                 return candidate
+        if device.type == "cuda":
+            _warn_sdpa_on_cuda(dtype, "; ".join(f"{name}: {why}" for name, why in reasons.items()))
         return "sdpa"
     reason = backend_unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise ValueError(f"attention_backend={backend!r} cannot run here: {reason}; allowed here: 'auto' or 'sdpa'")
     return backend
+
+
+@lru_cache(maxsize=None)
+def _warn_sdpa_on_cuda(dtype: torch.dtype, reasons: str) -> None:
+    """Say once per dtype that ``auto`` on CUDA fell back to the per-segment SDPA loop (slower than a varlen kernel)."""
+    warnings.warn(
+        f"attention_backend='auto' on CUDA in {dtype} uses the per-segment SDPA loop (one fused SDPA call per request "
+        f"and layer, never the math kernel), not a varlen kernel: {reasons}. For the fast path install flash-attn or "
+        "run the model in float16/bfloat16 on torch >= 2.9; pass attention_backend='sdpa' to choose this path explicitly.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,24 +184,58 @@ def varlen_attention(
 
 
 def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
-    """Reference: one ``scaled_dot_product_attention`` per segment."""
+    """One ``scaled_dot_product_attention`` per segment, on 4-D ``(1, H, L, d)`` views (no copies).
+
+    Why 4-D: torch 2.13 on CPU dispatches 3-D ``(H, L, d)`` inputs to the slow "math" kernel
+    (``_scaled_dot_product_attention_math``, 5-10x slower), 4-D ones to
+    ``_scaled_dot_product_flash_attention_for_cpu``, which also takes GQA (``enable_gqa``) and a
+    boolean mask without expanding K/V. The flash kernels also need a unit stride on ``d``.
+    On CUDA the call is restricted to the fused kernels (:func:`_no_math_sdpa`), so an input they
+    cannot take raises instead of silently running the math kernel.
+    """
     bounds_q = check_cu_seqlens(cu_q, query.shape[0], name="cu_seqlens_q").tolist()
     bounds_k = check_cu_seqlens(cu_k, key.shape[0], name="cu_seqlens_k").tolist()
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     gqa = query.shape[1] != key.shape[1]
-    out = torch.empty_like(query)
-    for b in range(len(bounds_q) - 1):
-        qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
-        lq, lk = qe - qs, ke - ks
-        if lq > lk:
-            raise ValueError(f"segment {b} has {lq} queries but only {lk} keys; causal varlen attention needs Lq <= Lk")
-        q, k, v = (t.transpose(0, 1) for t in (query[qs:qe], key[ks:ke], value[ks:ke]))  # (H, L, d)
-        if lq == lk:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:  # bottom-right aligned causal mask, as FlashAttention
-            mask = torch.arange(lq, device=q.device)[:, None] + (lk - lq) >= torch.arange(lk, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[qs:qe] = o.transpose(0, 1)
+    segments = len(bounds_q) - 1
+    out = None if segments == 1 else torch.empty_like(query)
+    with _no_math_sdpa(query.device):
+        for b in range(segments):
+            qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+            lq, lk = qe - qs, ke - ks
+            if lq > lk:
+                raise ValueError(f"segment {b} has {lq} queries but only {lk} keys; causal varlen attention needs Lq <= Lk")
+            q, k, v = (t[s:e].transpose(0, 1)[None] for t, s, e in ((query, qs, qe), (key, ks, ke), (value, ks, ke)))  # (1, H, L, d)
+            if lq == lk:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:  # bottom-right aligned causal mask, as FlashAttention
+                mask = torch.arange(lq, device=q.device)[:, None] + (lk - lq) >= torch.arange(lk, device=q.device)[None, :]
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = o[0].transpose(0, 1)  # (L, H, d)
+            if out is None:
+                return o
+            out[qs:qe] = o
     return out
+
+
+@contextmanager
+def _no_math_sdpa(device: torch.device):
+    """On CUDA, allow only the fused SDPA kernels (flash, memory-efficient, cuDNN): no silent math fallback."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            yield
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        raise RuntimeError(
+            "attention_backend='sdpa' on CUDA: no fused scaled_dot_product_attention kernel takes these inputs, and the "
+            f"slow math kernel is not used silently ({exc}); use fp16/bf16 with a head dim the flash kernels support"
+        ) from exc
 
 
 def _flash_attn(query, key, value, cu_q, cu_k, max_q, max_k, scale):

@@ -97,6 +97,9 @@ def run_report_command(args: argparse.Namespace) -> dict:
         skeleton = preflight.preset_skeleton(preset)
         n = preflight.preset_visual_tokens(preset, skeleton)
         preflight.check_budgets(args.keep, n, what=f"preset {preset.name!r}", allow_all=False)
+    low, high = args.mixed_text
+    if not 2 <= low <= high:
+        raise preflight.UsageError(f"--mixed-text {low} {high}: need 2 <= LOW <= HIGH text tokens per prompt")
     dtype_name = args.dtype or preset.default_dtype
     if args.device.type == "cpu":
         keeps = args.keep or list(preset.default_keeps)
@@ -112,6 +115,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
         say(f"estimated run time on this CPU: {estimate}")
     settings = ReportSettings(
         preset=args.preset, keeps=args.keep, device=str(args.device), dtype=args.dtype, batch=args.batch,
+        mixed_batch=args.mixed_batch, mixed_text=tuple(args.mixed_text),
         warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
     )
     return run_report(settings)
@@ -224,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="budgets K to time, replacing the preset's (192 128 64 for LLaVA-1.5); each 1 <= K < N")
     bench.add_argument("--device", type=_device, default=default_device(), help=_DEVICE_HELP)
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: the preset's (fp32 on the CPU preset, fp16 otherwise)")
-    bench.add_argument("--batch", type=_int_at_least(1), default=1, help="requests per prefill")
+    bench.add_argument("--batch", type=_int_at_least(1), default=1, help="requests per prefill in the single-prompt-shape scenario")
+    bench.add_argument("--mixed-batch", type=_int_at_least(0), default=None, metavar="B",
+                       help="requests in the mixed-prompt batch scenario, timed at the smallest K (default: the preset's, 8 for default; 0: skip it)")
+    bench.add_argument("--mixed-text", type=_int_at_least(1), nargs=2, default=[10, 200], metavar=("LOW", "HIGH"),
+                       help="text tokens per prompt in the mixed scenario, spread evenly from LOW to HIGH (default: 10 200)")
     bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")

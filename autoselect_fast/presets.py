@@ -3,8 +3,8 @@
 Timing needs no trained weights, so each preset builds the architecture from a config and initialises
 it randomly. ``default`` is a LLaVA-1.5-shaped model scaled down to run in about a minute on a 2-core
 CPU while keeping the published model's proportions (N = 576 visual tokens; vision tower, Scorer and
-LLM scaled by the same factor in per-token FLOPs); the others are the full-size architectures, meant
-for a GPU.
+LLM scaled by the same factor in per-token FLOPs); ``llava-next-cpu`` is its LLaVA-NeXT counterpart
+(N = 2,880); ``tiny`` is a smoke test; the others are the full-size architectures, meant for a GPU.
 """
 from __future__ import annotations
 
@@ -28,16 +28,17 @@ class Preset:
     text_after: int  # prompt tokens after it
     default_dtype: str = "fp16"
     default_keeps: tuple[int, ...] = (192, 128, 64)
+    mixed_batch: int = 8  # requests of the report's mixed-prompt batch scenario (0: none)
     notes: list[str] = field(default_factory=list)
 
 
-def _llava_15_config(vision: dict, text: dict):
+def _llava_15_config(vision: dict, text: dict, image_token_index: int = 32000):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(**text),
-        image_token_index=32000,
+        image_token_index=image_token_index,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
@@ -72,10 +73,30 @@ def _llava_next_7b_config():
     )
 
 
+def _llava_next_cpu_config():
+    # The default preset's vision tower and LLM width on LLaVA-NeXT's any-resolution layout: a 672x672
+    # image is a base tile plus a 2x2 grid of 336 px crops, N = 5 x 576 = 2880 visual tokens (+ 48
+    # newlines). 4 LLM layers keep one unpruned prefill of ~2,930 tokens to a few seconds on 2 cores;
+    # attention is a larger share of the prefill than at N = 576, which is what this preset checks.
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
+    text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
+
+
 def _tiny_config():
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
-    return _llava_15_config(vision, text)
+    # The image token must be inside the vocabulary: the unmodified model embeds it before replacing it.
+    return _llava_15_config(vision, text, image_token_index=511)
 
 
 PRESETS: dict[str, Preset] = {
@@ -99,6 +120,19 @@ PRESETS: dict[str, Preset] = {
         text_after=8,
         default_dtype="fp32",
         default_keeps=(8, 4),
+        mixed_batch=3,
+    ),
+    "llava-next-cpu": Preset(
+        name="llava-next-cpu",
+        description="LLaVA-NeXT-shaped, scaled down for a CPU (vision 256x6, LLM 1024x4), 672x672 image: N = 2880, random weights",
+        build_config=_llava_next_cpu_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v, hidden_dim=64, num_layers=2, num_heads=2),
+        image_size=(672, 672),
+        text_before=8,
+        text_after=40,
+        default_dtype="fp32",
+        default_keeps=(640, 160),
+        mixed_batch=0,  # eight requests of ~2,900 tokens each take minutes per round on a CPU
     ),
     "llava-1.5-7b": Preset(
         name="llava-1.5-7b",

@@ -2,16 +2,19 @@
 
 ``measure`` runs warm-up calls, then times each repeat on its own: with CUDA events on a GPU (the
 stream is synchronised before reading them), with ``time.perf_counter`` on the CPU. It reports the
-median with min and max. ``environment`` describes the machine and library versions for the JSON
-results, so a number can always be traced to where it was measured.
+median with min and max. ``Stopwatch`` times named stages of one run (synchronising CUDA around each
+stage); ``summarize`` turns samples into median/min/max and ``is_noisy`` says when their spread is too
+wide to trust (``NOISE_MAX_OVER_MIN``). ``environment`` describes the machine and library versions
+for the JSON results, so a number can always be traced to where it was measured.
 """
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -53,6 +56,44 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+# A measurement whose slowest repeat is more than this many times its fastest is reported as noisy:
+# on a quiet machine repeats of the same prefill agree within a few per cent.
+NOISE_MAX_OVER_MIN = 1.3
+
+
+def summarize(samples_ms: Sequence[float]) -> dict:
+    """``{"median_ms", "min_ms", "max_ms"}`` of some samples."""
+    if not samples_ms:
+        raise ValueError("summarize needs at least one sample")
+    return {"median_ms": statistics.median(samples_ms), "min_ms": min(samples_ms), "max_ms": max(samples_ms)}
+
+
+def is_noisy(summary: dict, threshold: float = NOISE_MAX_OVER_MIN) -> bool:
+    """True when max/min of a :func:`summarize` result exceeds ``threshold``."""
+    return summary["min_ms"] > 0 and summary["max_ms"] / summary["min_ms"] > threshold
+
+
+class Stopwatch:
+    """Wall-clock per named stage of one run; synchronises CUDA around each stage so GPU work lands in it."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device, self.ms = torch.device(device), {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
 def environment(device: torch.device | str = "cpu") -> dict:

@@ -143,6 +143,64 @@ def test_llama_with_registered_backend_matches_each_sequence_alone():
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU fast path: the sdpa backend must take torch's flash-attention CPU kernel, never the math kernel
+# --------------------------------------------------------------------------------------------------
+def _sdpa_kernels_called(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(16, 16), (16, 4), (6, 1)])
+def test_cpu_sdpa_backend_matches_reference_gqa_odd_lengths(hq, hkv, dtype):
+    """GQA and odd segment lengths, with the strided (T, H, d) views transformers hands in, against the
+    float64 dense reference; and the call takes the flash CPU kernel (math kernel: 5-10x slower)."""
+    lengths = [37, 1, 111, 6]
+    g = torch.Generator().manual_seed(1)
+    # transformers gives (1, H, T, d) tensors; the registered function passes their (T, H, d) views.
+    q, k, v = (torch.randn(1, h, sum(lengths), 32, generator=g).to(dtype)[0].transpose(0, 1) for h in (hq, hkv, hkv))
+    cu = cu_seqlens_from_lengths(lengths).to(torch.int32)
+    out = varlen_attention(q, k, v, cu, backend="sdpa")
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), dense_block_causal(q, k, v, cu), **TOL[dtype])
+    kernels = _sdpa_kernels_called(lambda: varlen_attention(q, k, v, cu, backend="sdpa"))
+    assert kernels == {"aten::_scaled_dot_product_flash_attention_for_cpu"}, kernels
+
+
+def test_cpu_sdpa_backend_single_segment_and_bottom_right_mask_use_flash_kernel():
+    q, k, v, cu = _packed([53], 8, 2, 16)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, backend="sdpa").double(), dense_block_causal(q, k, v, cu), **TOL[torch.float32])
+    take = torch.arange(40, 53)
+    cu_q = cu_seqlens_from_lengths([13]).to(torch.int32)
+    kernels = _sdpa_kernels_called(lambda: varlen_attention(q[take], k, v, cu_q, cu, backend="sdpa"))
+    assert kernels == {"aten::_scaled_dot_product_flash_attention_for_cpu"}, kernels
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2)])
+def test_cpu_sdpa_backend_matches_transformers_sdpa_attention(hq, hkv):
+    """Same tokens through transformers' own ``sdpa`` attention function and through ours."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = hq // hkv, True
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 71, 64, generator=g) for h in (hq, hkv, hkv))
+    want, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.125)
+    cu = torch.tensor([0, 71], dtype=torch.int32)
+    got = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, scale=0.125, backend="sdpa")
+    torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cuda_without_a_varlen_kernel_warns():
+    """fp32 on CUDA has no varlen kernel: 'auto' picks the SDPA loop, and says so (no silent slow path)."""
+    with pytest.warns(RuntimeWarning, match="per-segment SDPA loop"):
+        assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "sdpa"
+
+
+# --------------------------------------------------------------------------------------------------
 # CUDA backends
 # --------------------------------------------------------------------------------------------------
 def _skip_unless(backend, dtype):

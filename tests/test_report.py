@@ -1,40 +1,177 @@
-"""The benchmark report: runs end to end on the tiny preset and writes a complete JSON and a plot.
+"""The benchmark report: contenders compute the same logits, the report's arithmetic and flags, files.
 
-Timings are never asserted (benchmarks are not tests); what is checked is the report's content and
-arithmetic: FLOPs shrink with K, speedups are ratios against the full model of the same run.
+Timings are never asserted (benchmarks are not tests); what is checked is that every contender
+(unmodified transformers model, the peers' padded ``inputs_embeds`` batch, the engine) produces the
+same first-token logits for the same kept tokens, the report's content and arithmetic (FLOPs shrink
+with K, ratios against the baseline of the same scenario, padding counts), and the noisy/suspect flags.
 """
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from autoselect_fast import presets
+from autoselect_fast import presets, report as R
 from autoselect_fast.cli import main
-from autoselect_fast.report import ReportSettings, format_table, run_report
+from autoselect_fast.engine import Request
+from autoselect_fast.modules import Scorer, ScorerConfig
+from autoselect_fast.report import ReportSettings, format_report, run_report
+from autoselect_fast.timing import is_noisy, summarize
+
+TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def test_report_on_tiny_preset(tmp_path, capsys):
-    report = run_report(ReportSettings(preset="tiny", keeps=[8, 4, 2], device="cpu", warmup=1, repeats=2, out_dir=str(tmp_path), progress=False))
-    results = report["results"]
-    assert [r["keep"] for r in results] == [None, 8, 4, 2]
-    full = results[0]
-    assert full["kept_tokens"] == full["visual_tokens"] == [16]
-    assert full["speedup"] == {"prefill": 1.0, "ttft": 1.0, "flops_ratio": 1.0}
-    flops = [r["prefill_flops"] for r in results]
+@pytest.fixture(scope="module")
+def tiny_setup():
+    preset = presets.get_preset("tiny")
+    torch.manual_seed(0)
+    model = presets.build_model(preset, torch.device("cpu"), torch.float32)
+    scorer = R._scorer_for(preset, model, torch.device("cpu"), torch.float32)
+    return R.BenchSetup(preset, model, scorer, torch.device("cpu"), torch.float32)
+
+
+def _logits(contender):
+    with torch.inference_mode():
+        ms, logits = contender.run()
+    assert set(R.STAGES) <= set(ms) and ms["total"] > 0
+    return logits
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 17, 9]])
+def test_contenders_agree_on_llava(tiny_setup, lengths):
+    """Every token kept: transformers (its own padded batch), peers and engine give the same logits;
+    at K < N peers and engine (same Scorer, same kept tokens) agree."""
+    requests = R.synthetic_requests(tiny_setup.engine, tiny_setup.preset, 1 if lengths is None else len(lengths), lengths)
+    base = _logits(R.transformers_contender(tiny_setup, requests))
+    assert base.shape == (len(requests), tiny_setup.model.config.text_config.vocab_size)
+    for name in ("engine", "peers"):
+        torch.testing.assert_close(_logits(R.CONTENDERS[name](tiny_setup, requests, None)), base, **TOL)
+    torch.testing.assert_close(_logits(R.peers_contender(tiny_setup, requests, 5)), _logits(R.engine_contender(tiny_setup, requests, 5)), **TOL)
+
+
+def test_contenders_agree_on_llava_next_with_different_tile_counts():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=127,
+                             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    model = LlavaNextForConditionalGeneration(config).eval()
+    scorer = Scorer(ScorerConfig(input_dim=32, hidden_dim=32, num_layers=1, num_heads=4)).eval()
+    preset = presets.Preset("next-test", "test", lambda: config, lambda d: scorer.config, (40, 30), 3, 5, "fp32")
+    setup = R.BenchSetup(preset, model, scorer, torch.device("cpu"), torch.float32)
+    processor = setup.engine.adapter.default_image_processor()
+    requests = []
+    for i, size in enumerate([(40, 30), (30, 60), (50, 50)]):
+        image = Image.fromarray(np.random.RandomState(i).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        pv, image_size = setup.engine.adapter.process_image(image, processor)
+        requests.append(Request([1, 5, 127] + list(range(10, 10 + 4 * i + 2)), pixel_values=pv, image_sizes=image_size))
+    assert len({r.pixel_values.shape[0] for r in requests}) > 1  # the baseline pads tiles
+    base = _logits(R.transformers_contender(setup, requests))
+    for name in ("engine", "peers"):
+        torch.testing.assert_close(_logits(R.CONTENDERS[name](setup, requests, None)), base, **TOL)
+    torch.testing.assert_close(_logits(R.peers_contender(setup, requests, 6)), _logits(R.engine_contender(setup, requests, 6)), **TOL)
+
+
+def test_flops_count_attention_and_padding(tiny_setup):
+    """Prefill FLOPs include attention (the CPU flash kernel is counted) and the padded rows a padded batch runs."""
+    requests = R.synthetic_requests(tiny_setup.engine, tiny_setup.preset, 2, [3, 30])
+    engine, peers = R.engine_contender(tiny_setup, requests, 4), R.peers_contender(tiny_setup, requests, 4)
+    assert engine.llm_tokens == sum(engine.sequence_lengths) and peers.llm_tokens == 2 * max(peers.sequence_lengths)
+    assert peers.flops() > engine.flops() > 0
+    text = tiny_setup.model.config.text_config
+    d = text.hidden_size
+    q = torch.randn(1, text.num_attention_heads, 7, d // text.num_attention_heads)
+    kv = torch.randn(1, text.num_key_value_heads, 7, d // text.num_attention_heads)
+    flops = R.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True))
+    assert flops == 2 * 2 * text.num_attention_heads * 7 * 7 * (d // text.num_attention_heads)
+
+
+def _fake_contender(name, keep, totals, prefill_share, flops):
+    samples = iter(totals)
+
+    def run():
+        total = next(samples)
+        return {"vision": 0.1 * total, "prune": 0.0, "pack": 0.0, "prefill": prefill_share * total, "total": total}, None
+
+    return R.Contender(name, keep, run, lambda: flops, [10], 10)
+
+
+def test_speedups_suspect_and_noisy_flags(monkeypatch):
+    """Ratios against the first configuration; a speedup above the FLOP ratio is suspect; max/min > threshold is noisy."""
+    fakes = {
+        "base": lambda s, r, k: _fake_contender("base", None, [100.0, 100.0, 100.0], 0.8, 1000),
+        "honest": lambda s, r, k: _fake_contender("honest", k, [50.0, 50.0, 50.0], 0.5, 400),  # ttft 2x, flops 2.5x
+        "suspect": lambda s, r, k: _fake_contender("suspect", k, [10.0, 20.0, 10.0], 0.5, 500),  # ttft 10x vs flops 2x
+    }
+    monkeypatch.setattr(R, "CONTENDERS", fakes)
+    scenario = R.Scenario("single", "fake", [Request([1])], [("base", None), ("honest", 4), ("suspect", 4)])
+
+    class Bar:
+        def update(self, n): pass
+        def set_postfix_str(self, s): pass
+
+    monkeypatch.setattr(R, "_text_tokens", lambda setup, req: 1)
+    out = R.run_scenario(None, scenario, ReportSettings(warmup=1, repeats=2), Bar())
+    base, honest, suspect = out["rows"]
+    assert base["speedup"] == {"ttft": 1.0, "prefill": 1.0, "flops_ratio": 1.0} and base["suspect"] == [] and base["noisy"] == []
+    assert honest["speedup"]["ttft"] == pytest.approx(2.0) and honest["speedup"]["prefill"] == pytest.approx(3.2)
+    assert honest["speedup"]["flops_ratio"] == pytest.approx(2.5) and honest["suspect"] == ["prefill"]
+    assert suspect["stages"]["total"] == {"median_ms": 15.0, "min_ms": 10.0, "max_ms": 20.0}  # warm-up sample (10) dropped
+    assert suspect["suspect"] == ["ttft", "prefill"] and suspect["noisy"] == ["prefill", "total"]
+    lines = R.report_warnings({"scenarios": [out], "noise_threshold_max_over_min": 1.3})
+    assert lines[0].startswith("NOISY single: max/min above 1.3 for suspect K=4 (prefill 2.00, TTFT 2.00)") and "re-run" in lines[0]
+    assert lines[1].startswith("SUSPECT single: honest K=4: speedup (prefill 3.20x) above the FLOP ratio 2.50x")
+    assert lines[2].startswith("SUSPECT single: suspect K=4: speedup (ttft 6.67x, prefill 10.67x)") and len(lines) == 3
+
+
+def test_noise_helpers():
+    s = summarize([3.0, 1.0, 2.0])
+    assert s == {"median_ms": 2.0, "min_ms": 1.0, "max_ms": 3.0} and is_noisy(s) and not is_noisy(summarize([1.0, 1.2]))
+
+
+def test_mixed_lengths_and_file_names():
+    assert R.mixed_text_lengths(8, 10, 200) == [10, 37, 64, 91, 119, 146, 173, 200]
+    assert R.report_stem("default", torch.device("cpu"), "bf16", 1, 8) == "report-default-cpu-bf16-b1-mixed8"
+    assert R.report_stem("default", torch.device("cpu"), "fp32", 2, 0) == "report-default-cpu-fp32-b2"
+
+
+def test_report_on_tiny_preset(tmp_path):
+    report = run_report(ReportSettings(preset="tiny", keeps=[8, 2], device="cpu", warmup=0, repeats=1, mixed_batch=2,
+                                       mixed_text=(4, 20), out_dir=str(tmp_path), progress=False))
+    single, mixed = report["scenarios"]
+    assert [(r["contender"], r["keep"]) for r in single["rows"]] == [
+        ("transformers", None), ("engine", None), ("peers", None), ("engine", 8), ("peers", 8), ("engine", 2), ("peers", 2)]
+    assert [(r["contender"], r["keep"]) for r in mixed["rows"]] == [("transformers", None), ("engine", None), ("engine", 2), ("peers", 2)]
+    base = single["rows"][0]
+    assert base["speedup"] == {"ttft": 1.0, "prefill": 1.0, "flops_ratio": 1.0} and base["sequence_lengths"] == [28]
+    engine_rows = [r for r in single["rows"] if r["contender"] == "engine"]
+    flops = [r["prefill_flops"] for r in engine_rows]
     assert flops == sorted(flops, reverse=True) and flops[-1] > 0
-    for r in results[1:]:
-        assert r["kept_tokens"] == [r["keep"]]
-        assert r["sequence_lengths"] == [12 + r["keep"]]  # 12 text tokens + K kept tokens
-        assert r["speedup"]["flops_ratio"] == pytest.approx(full["prefill_flops"] / r["prefill_flops"])
-        stages = r["stages"]
-        assert stages["total"]["median_ms"] > 0 and r["pruning_module_alone"]["repeats"] >= 10
-        assert 0 < r["pruning_share_of_ttft"] < 1
-    saved = json.loads((tmp_path / "report-tiny-cpu.json").read_text())
-    assert saved["environment"]["torch"] == torch.__version__
-    assert saved["shapes"]["visual_tokens_per_image"] == 16 and saved["dtype"] == "fp32"
-    assert (tmp_path / "report-tiny-cpu.png").read_bytes()[:4] == b"\x89PNG"
-    table = format_table(saved)
-    assert "K=2" in table and "full" in table and "% of TTFT" in table
+    for r in single["rows"]:
+        assert r["speedup"]["flops_ratio"] == pytest.approx(base["prefill_flops"] / r["prefill_flops"])
+        assert r["sequence_lengths"] == [12 + (16 if r["keep"] is None else r["keep"])]  # 12 text tokens + kept tokens
+        assert "ttft_speedup_vs_peers" in r or r["contender"] != "engine"
+    assert mixed["text_tokens"] == [4, 20]
+    padded = {r["contender"]: r["llm_tokens"] for r in mixed["rows"] if r["keep"] is None}
+    assert padded == {"transformers": 2 * (20 + 16), "engine": (4 + 16) + (20 + 16)}
+    assert [p["keep"] for p in report["pruning_module_alone"]] == [8, 2]
+    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__ and saved["dtype"] == "fp32"
+    assert saved["baseline"].startswith("transformers: unmodified LlavaForConditionalGeneration.forward (attn_implementation=sdpa")
+    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.md").read_text()
+    assert markdown.count("| config | contender |") == 2 and "| K=2 | engine |" in markdown
+    assert any(line.startswith("single: engine K=2: prefill") for line in saved["summary"])
+    text = format_report(saved)
+    assert "legend:" in text and "glue" in text and "FLOP x" in text and "% padding" in text and "K=2" in text
+
+
+def test_keep_not_below_n_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="keep must be below the image's N = 16"):
+        run_report(ReportSettings(preset="tiny", keeps=[16], device="cpu", out_dir=str(tmp_path), progress=False))
 
 
 def test_preset_that_does_not_fit_is_a_clear_message(monkeypatch, capsys):
@@ -49,3 +186,15 @@ def test_unknown_preset_and_dtype_are_rejected():
         presets.get_preset("llava-70b")
     with pytest.raises(ValueError, match="dtype must be one of"):
         run_report(ReportSettings(preset="tiny", dtype="fp8", device="cpu", progress=False))
+
+
+def test_llava_next_cpu_preset_shape():
+    """N = 2,880 visual tokens for the 672x672 benchmark image (checked on the meta device, no weights)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    preset = presets.get_preset("llava-next-cpu")
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(preset.build_config())
+    from autoselect_fast.models import get_adapter
+
+    assert get_adapter(model).layout(preset.image_size).num_tokens == 2880

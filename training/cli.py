@@ -25,6 +25,9 @@ _HELP = {
     "gate": "vp (default) or scale (ablation: x*alpha)",
     "denoiser_attention": "identity (default) or global (ablation)",
     "resume": "continue the run in --output-dir from its checkpoint",
+    "bf16": "bf16 autocast on CUDA (default on; ignored on a CPU)",
+    "progress": "show a progress bar (default on)",
+    "strict_data": "stop at the first malformed record or unreadable image instead of reporting and skipping it",
 }
 
 
@@ -36,7 +39,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = TrainConfig().__getattribute__(f.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name, f"default {default!r}"))
         else:
             kind = {"keep": int, "tau_steps": int, "keep_ratio": float}.get(f.name, type(default) if default is not None else str)
             parser.add_argument(flag, type=kind, default=None, help=_HELP.get(f.name, f"default {default!r}"))
