@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="autoselect-fast", description="AutoSelect visual-token pruning: benchmarks and tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="TTFT report: full model against pruned budgets (vision, pruning, prefill, FLOPs)")
+    bench = sub.add_parser("bench", help="TTFT report: the engine at pruned budgets against the unmodified transformers model and the peers' padded way")
     bench.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model preset (default: CPU-sized LLaVA-1.5 shape)")
     bench.add_argument("--keep", type=int, nargs="*", default=[], help="budgets K, replacing the preset's (192 128 64 for LLaVA-1.5)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text tokens per prompt in the mixed scenario, spread evenly from LOW to HIGH (default: 10 200)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
+    bench.add_argument("--out-dir", default="bench/out", help="where the JSON, markdown tables and PNG go")
     bench.add_argument("--no-plot", action="store_true")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
     bench.set_defaults(handler=run_report_command)
