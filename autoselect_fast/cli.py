@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    bench = sub.add_parser("bench", help="TTFT report: full model against pruned budgets (vision, pruning, prefill, FLOPs)")
+    bench = sub.add_parser("bench", help="TTFT report: the engine at pruned budgets against the unmodified transformers model and the peers' padded way")
     bench.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model preset (default: CPU-sized LLaVA-1.5 shape)")
     bench.add_argument("--keep", type=_int_at_least(1), nargs="*", default=[], metavar="K",
                        help="budgets K to time, replacing the preset's (192 128 64 for LLaVA-1.5); each 1 <= K < N")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text tokens per prompt in the mixed scenario, spread evenly from LOW to HIGH (default: 10 200)")
     bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
-    bench.add_argument("--out-dir", default="bench/out", help="where the JSON and PNG go")
+    bench.add_argument("--out-dir", default="bench/out", help="where the JSON, markdown tables and PNG go")
     bench.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
     bench.add_argument("--force", action="store_true", help="run on a CPU even above 50 TFLOPs of prefills (the full-size presets; the estimate says how long)")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
