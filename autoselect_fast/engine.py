@@ -29,9 +29,7 @@ import hashlib
 import inspect
 import os
 import threading
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
@@ -44,6 +42,7 @@ from .attention import ATTENTION_BACKENDS, install_dispatch, resolve_backend, va
 from .models import ImageLayout, VLMAdapter, get_adapter
 from .packing import PackedBatch
 from .reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
+from .timing import Stopwatch
 
 SELECTION_BACKENDS = ("auto", "ops", "reference")
 DEFAULT_SCORE_CACHE_SIZE = 1024
@@ -285,23 +284,6 @@ def resolve_packer(device: torch.device) -> tuple[str, Callable[..., PackedBatch
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------
-class _Stopwatch:
-    """Wall-clock per stage; synchronises CUDA around each stage so GPU work is attributed correctly."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.ms = device, {}
-
-    @contextmanager
-    def stage(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-
-
 _INTERPRETER_LOCK = threading.Lock()
 
 
@@ -868,7 +850,7 @@ class AutoSelectEngine:
 
     def _prefill(self, requests, cache, batch: Optional[PreparedBatch] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
         batch = self.prepare(requests) if batch is None else batch
-        clock = _Stopwatch(self.device)
+        clock = Stopwatch(self.device)
         with clock.stage("vision"):
             features = self.encode_images(batch.pixel_values, batch.image_sizes)
         with clock.stage("prune"):
