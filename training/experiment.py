@@ -67,7 +67,8 @@ class RandomScorer(_FixedScorer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, features: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        return torch.rand(features.shape[0], generator=self.generator).to(features.device)
+        # flat (ΣN, d) or, from the engine's equal-size batch, (B, N, d): one score per token either way
+        return torch.rand(features.shape[:-1], generator=self.generator).to(features.device)
 
 
 # --------------------------------------------------------------------------------------------------
