@@ -184,3 +184,29 @@ def test_conversation_record_through_the_qwen_processor(qwen, tmp_path):
     out = objective(batch, tau=1.0, step=0, seed=0, normalizer=1.0)
     out.loss.backward()
     assert float(objective.scorer.head.weight.grad.abs().max()) > 0
+
+
+def test_cli_train_on_a_saved_qwen_checkpoint(tmp_path):
+    """`autoselect-fast train` on a saved Qwen2.5-VL folder (tokenizer with the chat template and the image
+    processor saved one by one: the full processor's video part needs torchvision) and a JSONL of records
+    whose images have different resolutions; K = 6 is clipped to N for the small image."""
+    from tiny_checkpoints import save_qwen2_5_vl
+
+    from autoselect_fast import cli
+
+    model_dir = save_qwen2_5_vl(str(tmp_path / "model"))
+    sizes = [(112, 112), (56, 56), (160, 80), (90, 120)]
+    for i, size in enumerate(sizes):
+        picture(40 + i, size).save(tmp_path / f"im{i}.png")
+    records = [{"image": f"im{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat is in the picture ?"},
+                                                         {"from": "gpt", "value": ["a red circle", "a blue square"][i % 2]}]}
+               for i in range(len(sizes))]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    config = {"model": model_dir, "data": str(tmp_path / "data.jsonl"), "output_dir": str(tmp_path / "run"), "keep": 6, "steps": 2,
+              "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "scorer_hidden_dim": 32, "scorer_layers": 1, "scorer_heads": 4,
+              "denoiser_mlp_ratio": 2.0, "progress": False, "kernel_backend": "reference", "save_every": 0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "--config", str(tmp_path / "config.json")]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2] and all(m["answer_tokens"] > 0 for m in lines)
+    assert Scorer.from_pretrained(tmp_path / "run" / "scorer", expected_input_dim=D_V).config.input_dim == D_V
