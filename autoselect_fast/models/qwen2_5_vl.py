@@ -16,6 +16,13 @@ Facts this adapter relies on (DESIGN.md section 9, transformers 5.24 ``models/qw
 * Positions are M-RoPE ``(3, L)``: :meth:`Qwen2_5_VLAdapter.sequence_positions` is the model's own
   ``get_rope_index`` on the full (unpruned) sequence.
 
+* For ``autoselect-fast show`` and training data: the processor resizes an image with ``smart_resize``
+  (sides multiples of ``patch·merge`` = 28 px, pixel count within its limits), so
+  :meth:`Qwen2_5_VLAdapter.image_size_of` knows the grid, hence N, from the image header, and
+  :meth:`Qwen2_5_VLAdapter.token_regions` maps group (row, col) to its 28x28 square scaled back.
+  Training needs nothing beyond the base class: ``training_sequence`` builds on ``embed_full_sequence``
+  and :meth:`Qwen2_5_VLAdapter.sequence_positions`.
+
 Budgets: a fixed ``keep`` larger than an image's N is clipped to N (``clips_keep_to_tokens``), since N
 follows each image's resolution. Videos are not supported yet (their placeholder token is refused).
 """
