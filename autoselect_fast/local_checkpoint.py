@@ -75,6 +75,34 @@ class LocalCheckpoint:
         return model
 
 
+@dataclass
+class ImageTextProcessor:
+    """The two parts of a multimodal processor that still images need: the saved image processor and the
+    tokenizer (with its chat template). Used when the model's full processor cannot be built because a
+    part images never use is missing a library (Qwen2.5-VL's video processor needs torchvision)."""
+
+    image_processor: Any
+    tokenizer: Any
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, messages, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def _images_and_text_processor(path: str, missing: ImportError) -> ImageTextProcessor:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        return ImageTextProcessor(AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                                  AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"the saved processor needs a missing library ({missing}) and its image processor and tokenizer "
+                         f"alone cannot be loaded either: {exc}") from None
+
+
 def _check_dir(flag: str, path: str, what: str) -> None:
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path}: no such directory ({what})")
@@ -101,7 +129,10 @@ def open_checkpoint(path: str) -> LocalCheckpoint:
         raise UsageError(f"--model {path}: architecture {architectures or 'not given in config.json'} is not supported; supported: {', '.join(supported)}")
     model_class = getattr(transformers, names[0])
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except ImportError as missing:  # e.g. Qwen2.5-VL's processor also builds a video processor, which needs torchvision
+            processor = _images_and_text_processor(path, missing)
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"--model {path}: no usable processor saved with the model (processor_config.json, tokenizer files): {exc}") from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_checkpoints import save_llava, save_llava_next, save_picture, save_scorer  # noqa: E402
+from tiny_checkpoints import save_llava, save_llava_next, save_picture, save_qwen2_5_vl, save_scorer  # noqa: E402
 
 from autoselect_fast import cli, local_checkpoint, show  # noqa: E402
 from autoselect_fast.local_checkpoint import open_checkpoint  # noqa: E402
@@ -29,6 +29,8 @@ def files(tmp_path_factory):
         "next": save_llava_next(str(root / "llava_next")),  # tiles of 56 px, up to 2x2 crops
         "scorer": save_scorer(str(root / "scorer"), input_dim=32),
         "wide_scorer": save_scorer(str(root / "scorer48"), input_dim=48),
+        "qwen": save_qwen2_5_vl(str(root / "qwen2_5_vl")),  # pixels 28²..32·28², 2x2 merge groups of 28 px
+        "qwen_scorer": save_scorer(str(root / "scorer128"), input_dim=128),  # d_v = 4 x vision hidden 32
         "picture": save_picture(str(root / "picture.png")),
         "plain": save_picture(str(root / "plain.png"), size=(112, 112), colour=COLOUR),
         "wide": save_picture(str(root / "wide.png"), size=(160, 80), colour=COLOUR),
@@ -226,3 +228,69 @@ def test_llava_next_regions_cover_the_image(files, size):
     assert float(area[base].sum()) == pytest.approx(h * w)  # the base tile squashes the whole image
     # the crop grid covers the image (unpadding may keep a row/column that is partly padding)
     assert float(area[~base].sum()) == pytest.approx(h * w, rel=0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen2.5-VL: a saved checkpoint whose processor's video part needs torchvision (not installed)
+# --------------------------------------------------------------------------------------------------
+def qwen_common(files, image="picture"):
+    return ["--model", files["qwen"], "--scorer", files["qwen_scorer"], "--image", files[image], "--device", "cpu", "--quiet"]
+
+
+def qwen_reference_answer(model_dir, image_path, prompt_text, max_new_tokens):
+    """transformers' own greedy generation, the placeholder expanded by hand (every visual token)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
+    pixels = image_processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    ids, pad = tokenizer(prompt_text, add_special_tokens=False)["input_ids"], model.config.image_token_id
+    n = int(pixels["image_grid_thw"][0].prod()) // 4
+    expanded = [t for i in ids for t in ([pad] * n if i == pad else [i])]
+    input_ids = torch.tensor([expanded])
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=(input_ids == pad).int(),
+                         pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"], max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def test_generate_qwen_end_to_end(files):
+    """``generate`` on a saved Qwen2.5-VL: the processor is read as image processor + tokenizer (its video
+    processor needs torchvision), the prompt goes through the chat template, and the unpruned answer is
+    transformers' own greedy answer."""
+    prompt = "what is in the picture ?"
+    result = run_command(["generate", *qwen_common(files), "--keep", "5", "--prompt", prompt, "--full", "--max-new-tokens", "6"])
+    pruned, full = result["pruned"], result["full"]
+    n = result["visual_tokens"]
+    assert n == 16  # 112 x 112 px -> 8 x 8 patches -> 4 x 4 merge groups
+    assert pruned["kept_tokens"] == 5 and full["kept_tokens"] == n and full["sequence_length"] - pruned["sequence_length"] == n - 5
+    assert result["prompt"] == "<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> what is in the picture ? <|im_end|> <|im_start|> assistant"
+    assert 1 <= len(pruned["token_ids"]) <= 6
+    assert full["token_ids"] == qwen_reference_answer(files["qwen"], files["picture"], result["prompt"], 6)[: len(full["token_ids"])]
+
+
+def test_show_qwen(files, tmp_path):
+    out = tmp_path / "kept_qwen.png"
+    result = run_command(["show", *qwen_common(files, image="wide"), "--keep", "10", "--out", str(out)])
+    assert result["visual_tokens"] == 18 and result["view_names"] == ("image",)  # 160 x 80 px -> 168 x 84 px -> 3 x 6 groups
+    assert_marked(Image.open(out).convert("RGB"), result)
+
+
+@pytest.mark.parametrize("size", [(100, 220), (150, 60), (56, 56), (30, 700)])
+def test_qwen_regions_tile_the_image_in_raster_order(files, size):
+    """Token g is merge group (row, col) of the resized image, 28 x 28 px, mapped back to the original: the
+    boxes tile the image exactly, row by row, and their count is the processor's own N."""
+    checkpoint = open_checkpoint(files["qwen"])
+    adapter, processor = checkpoint.skeleton_adapter, checkpoint.image_processor
+    h, w = size
+    grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0].tolist()
+    assert list(adapter.image_size_of(h, w, processor)) == grid  # the header alone predicts the grid
+    regions = adapter.token_regions(size, processor)
+    rows, cols = grid[1] // 2, grid[2] // 2
+    boxes = regions.boxes.view(rows, cols, 4)
+    assert regions.boxes.shape[0] == adapter.layout(grid).num_tokens == rows * cols
+    assert boxes[0, 0].tolist() == pytest.approx([0, 0, w / cols, h / rows], rel=1e-5)
+    assert boxes[-1, -1].tolist() == pytest.approx([w - w / cols, h - h / rows, w, h], rel=1e-5)
+    torch.testing.assert_close(boxes[:, 1:, 0], boxes[:, :-1, 2])  # left edge = the previous token's right edge
+    torch.testing.assert_close(boxes[1:, :, 1], boxes[:-1, :, 3])
+    area = (regions.boxes[:, 2] - regions.boxes[:, 0]) * (regions.boxes[:, 3] - regions.boxes[:, 1])
+    assert float(area.sum()) == pytest.approx(h * w, rel=1e-5)

@@ -77,6 +77,45 @@ def save_llava_next(directory: str, *, tile: int = 56, patch_size: int = 14) -> 
     return directory
 
 
+# Qwen-style template: images render as <|vision_start|><|image_pad|><|vision_end|> (one placeholder per image).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %} {{ item['text'] }}{% endif %}{% endfor %}{% endif %} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
+)
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def save_qwen2_5_vl(directory: str, *, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 32) -> str:
+    """Qwen2.5-VL with a 2-block vision tower (14 px patches, 2x2 merge, 56 px windows) and a text model of
+    head dim 16 (``mrope_section`` [2, 3, 3]); images keep their resolution between the pixel limits.
+
+    The image processor and the tokenizer (with the chat template) are saved one by one:
+    ``Qwen2_5_VLProcessor.save_pretrained`` needs its video processor, which needs torchvision.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *QWEN_SPECIAL]})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, spatial_merge_size=2,
+                  patch_size=14, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(directory)
+    Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(directory)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def save_scorer(directory: str, input_dim: int = 32) -> str:
     torch.manual_seed(1)
     Scorer(ScorerConfig(input_dim=input_dim, hidden_dim=32, num_layers=1, num_heads=2)).save_pretrained(directory)

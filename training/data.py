@@ -37,7 +37,7 @@ class Sample:
     input_ids: Tensor  # (L,) with the image token once
     labels: Tensor  # (L,) -100 outside the answers
     pixel_values: Tensor
-    image_size: Any  # None (LLaVA-1.5) or (height, width)
+    image_size: Any  # the adapter's image size: None (LLaVA-1.5), (height, width) (LLaVA-NeXT), grid (t, h, w) (Qwen2.5-VL)
     source: str = ""  # "file:line" for messages
 
 
@@ -89,28 +89,32 @@ def _messages(record: Any) -> list[dict]:
     return messages
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], image_token: str) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of a conversation rendered by the tokenizer's chat template.
+def tokenize_conversation(tokenizer, messages: list[dict], image_text: str, chat_template: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a conversation rendered by the tokenizer's chat template (or ``chat_template``,
+    e.g. the one a multimodal processor holds).
 
     The labels of assistant turn j are the tokens that rendering turn j adds after the generation
     prompt of turns < j. Raises ValueError when the template's renderings are not prefixes of each
     other (then the answer tokens cannot be located).
     """
-    if getattr(tokenizer, "chat_template", None) is None:
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat_template; training renders conversations with the model's own template")
-    messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, image_token)} for m in messages]
+    messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, image_text)} for m in messages]
 
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    def render(turns: list[dict], **kwargs) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, chat_template=chat_template, **kwargs)
+
+    full_text = render(messages)
     full = ids(full_text)
     labels = [IGNORE_INDEX] * len(full)
     for j, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt_text = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True)
-        upto_text = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+        prompt_text = render(messages[:j], add_generation_prompt=True)
+        upto_text = render(messages[: j + 1])
         if not (upto_text.startswith(prompt_text) and full_text.startswith(upto_text)):
             raise ValueError("the chat template's rendering of a prefix of the conversation is not a prefix of the whole")
         a, b = len(ids(prompt_text)), len(ids(upto_text))
@@ -127,7 +131,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         path: the JSONL file.
         image_folder: base folder of relative image paths (default: the JSONL's folder).
         adapter: the model's adapter (``autoselect_fast.models.get_adapter``): image processing and layout.
-        tokenizer: a tokenizer with a chat template (or a processor with ``.tokenizer``).
+        tokenizer: a tokenizer with a chat template, or a processor with ``.tokenizer`` (its own chat template,
+            if it has one, is used: multimodal processors often hold the template, e.g. Qwen2.5-VL's).
         image_processor: default ``adapter.default_image_processor()``.
         strict: raise on the first bad record instead of skipping it.
     """
@@ -139,10 +144,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.path = path
         self.adapter = adapter
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.chat_template = getattr(tokenizer, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.image_processor = image_processor if image_processor is not None else adapter.default_image_processor()
         self.image_folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
-        self.image_token = self.tokenizer.convert_ids_to_tokens(adapter.image_token_id)
-        self._fixed_size = _fixed_size(adapter)
+        self.image_text = adapter.image_prompt_text(self.tokenizer)  # what <image> becomes in the template's input
         if not os.path.isfile(path):
             raise FileNotFoundError(f"training data file {path!r} does not exist")
         self.records: list[tuple[int, str, list[dict], Any]] = []  # (line, image path, messages, image size)
@@ -162,7 +167,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                             width, height = img.size
                     except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
                         raise ValueError(f"image {image_path!r} cannot be read ({type(exc).__name__}: {exc})") from None
-                    ids, _ = tokenize_conversation(self.tokenizer, messages, self.image_token)
+                    ids, _ = tokenize_conversation(self.tokenizer, messages, self.image_text, self.chat_template)
                     if ids.count(adapter.image_token_id) != 1:
                         raise ValueError(
                             f"the rendered conversation holds the image token (id {adapter.image_token_id}) "
@@ -187,8 +192,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def num_visual_tokens(self, index: int) -> int:
         """N of record ``index`` (from the image header only; used to check K before training)."""
-        size = self.records[index][3]
-        return self.adapter.layout(None if self._fixed_size else size).num_tokens
+        height, width = self.records[index][3]
+        return self.adapter.layout(self.adapter.image_size_of(height, width, self.image_processor)).num_tokens
 
     def __getitem__(self, index: int) -> Sample:
         from PIL import Image
@@ -197,17 +202,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         with Image.open(image_path) as img:
             image = img.convert("RGB")
         pixel_values, image_size = self.adapter.process_image(image, self.image_processor)
-        ids, labels = tokenize_conversation(self.tokenizer, messages, self.image_token)
+        ids, labels = tokenize_conversation(self.tokenizer, messages, self.image_text, self.chat_template)
         return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, image_size, f"{self.path}:{line_no}")
-
-
-def _fixed_size(adapter) -> bool:
-    """True for models whose visual token count does not depend on the image size (LLaVA-1.5)."""
-    try:
-        adapter.layout(None)
-        return True
-    except (ValueError, TypeError):
-        return False
 
 
 class SampleList(torch.utils.data.Dataset):

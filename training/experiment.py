@@ -60,16 +60,14 @@ class FeatureNormScorer(_FixedScorer):
 
 
 class RandomScorer(_FixedScorer):
-    """Independent uniform scores from a seeded generator: K random tokens per image.
-
-    Like ``modules.Scorer`` it takes flat ``(ΣN, d)`` or batched ``(B, N, d)`` features (the engine
-    sends equally sized images as one batch) and returns one score per token."""
+    """Independent uniform scores from a seeded generator: K random tokens per image."""
 
     def __init__(self, input_dim: int, seed: int = 0):
         super().__init__(input_dim)
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, features: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        # flat (ΣN, d) or, from the engine's equal-size batch, (B, N, d): one score per token either way
         return torch.rand(features.shape[:-1], generator=self.generator).to(features.device)
 
 

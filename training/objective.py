@@ -10,8 +10,11 @@ This module owns what happens inside a training step (DESIGN.md sections 2 and 1
 * The Denoiser is the per-token ``modules.Denoiser`` (identity attention mask) or the ablation
   :class:`GlobalDenoiser` (full attention among one image's tokens).
 * Model-specific glue (features, projection, where the image goes in the sequence, positions) comes
-  from the model's adapter (``autoselect_fast.models``), so every adapter that implements
-  ``encode`` / ``project`` / ``training_sequence`` / ``training_logits`` trains here unchanged.
+  from the model's adapter (``autoselect_fast.models``) through its model-neutral API: ``encode``
+  (pre-projector / pre-merger features), ``project`` (projector or merger, per token),
+  ``training_sequence`` (the full sequence via ``embed_full_sequence``: layout, newlines, positions,
+  1-D or M-RoPE) and ``training_logits``. No model-specific code lives in ``training/``; LLaVA-1.5,
+  LLaVA-NeXT and Qwen2.5-VL train here unchanged.
 
 Only the Scorer and the Denoiser are submodules of :class:`AutoSelectObjective`; the VLM is held
 outside the module tree, so ``parameters()``, DDP and the optimiser see the trainable parts only.
@@ -78,9 +81,12 @@ def build_denoiser(attention: str, input_dim: int, *, num_heads: int = 4, mlp_ra
 # --------------------------------------------------------------------------------------------------
 # Budget and noise seeds
 # --------------------------------------------------------------------------------------------------
-def budget_for(keep: Optional[int], keep_ratio: Optional[float], num_tokens: int, where: str = "an image") -> int:
-    """K of an image with ``num_tokens`` visual tokens (the engine's rule); ValueError if K > N."""
+def budget_for(keep: Optional[int], keep_ratio: Optional[float], num_tokens: int, where: str = "an image", *, clip: bool = False) -> int:
+    """K of an image with ``num_tokens`` visual tokens (the engine's rule): a fixed ``keep > N`` is clipped
+    to N when ``clip`` (the adapter's ``clips_keep_to_tokens``: N follows the resolution), else ValueError."""
     if keep is not None:
+        if keep > num_tokens and clip:
+            return num_tokens
         if keep > num_tokens:
             raise ValueError(f"keep={keep} exceeds the {num_tokens} visual tokens of {where}; allowed: 1 <= keep <= {num_tokens}")
         return keep
@@ -131,7 +137,8 @@ class AutoSelectObjective(nn.Module):
         model: a supported transformers VLM; frozen here (``requires_grad_(False)``, eval mode).
         scorer: a ``modules.Scorer`` of width ``adapter.feature_dim``.
         denoiser: a ``modules.Denoiser`` or :class:`GlobalDenoiser` of the same width.
-        keep / keep_ratio: budget K per image, fixed or a fraction of N.
+        keep / keep_ratio: budget K per image, fixed (clipped to N for models whose N follows the image's
+            resolution, an error otherwise) or a fraction of N.
         gate: ``"vp"`` or ``"scale"``.
         soft_topk_f: ``"laplace"`` or ``"sigmoid"``.
         kernel_backend: ``ops`` backend for Soft Top-K and the VP gate (``"auto"``: Triton on CUDA).
@@ -174,7 +181,7 @@ class AutoSelectObjective(nn.Module):
         return self
 
     def budget(self, num_tokens: int, where: str = "an image") -> int:
-        return budget_for(self.keep, self.keep_ratio, num_tokens, where)
+        return budget_for(self.keep, self.keep_ratio, num_tokens, where, clip=self.adapter.clips_keep_to_tokens)
 
     def forward(self, batch: TrainBatch, *, tau: float, step: int, seed: int, normalizer: float) -> StepOutput:
         adapter = self.adapter

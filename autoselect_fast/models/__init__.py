@@ -176,6 +176,15 @@ class VLMAdapter:
     def layout(self, image_size) -> ImageLayout:
         raise NotImplementedError
 
+    def image_size_of(self, height: int, width: int, image_processor) -> Any:
+        """The image size (as :meth:`layout` takes it) of an original ``height x width`` image under
+        ``image_processor``, from the header alone: N is known before any pixel is decoded."""
+        raise NotImplementedError
+
+    def image_prompt_text(self, tokenizer) -> str:
+        """The text one image takes in a prompt before expansion (the chat template's rendering of an image)."""
+        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+
     # -- images (device) ------------------------------------------------------------------------
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
         """Pre-projector features ``(N_i, d_v)`` of every image, tokens in sequence order (one vision call)."""
@@ -237,28 +246,29 @@ class VLMAdapter:
         embeds[is_image.to(embeds.device)] = visual
         return embeds, self.sequence_positions(input_ids.cpu(), image_sizes)
 
-    # ==========================================================================================
-    # Training (autoselect_fast.training): the full, unpruned sequence of one sample with its
-    # gated visual features in place. Additive section; nothing above depends on it.
-    # ==========================================================================================
-    def training_sequence(self, input_ids: Tensor, labels: Tensor, visual_embeds: Tensor, image_size) -> tuple[Tensor, Tensor, Tensor]:
+    # -- training (autoselect_fast.training) ----------------------------------------------------
+    def training_sequence(self, input_ids: Tensor, labels: Tensor, projected: Tensor, image_size) -> tuple[Tensor, Tensor, Tensor]:
         """One sample's LLM input during training: nothing is pruned, the image is in its full layout.
+
+        Model-neutral: the placeholder is expanded to the image's ``layout(image_size).num_slots``
+        tokens and :meth:`embed_full_sequence` does the rest (newline tokens from the layout, positions
+        from :meth:`sequence_positions`, so M-RoPE models get their ``(3, S)`` positions unchanged).
 
         Args:
             input_ids: ``(L,)`` text token ids holding the model's image token once (the placeholder)
                 or as the already expanded run of ``layout(image_size).num_slots`` tokens.
             labels: ``(L,)`` target ids aligned with ``input_ids`` (-100 where there is no target).
-            visual_embeds: ``(N, H)`` the image's visual tokens after the projector, in sequence order.
+            projected: ``(N, H)`` the image's visual tokens after the projector / merger, in sequence order.
             image_size: as for :meth:`layout`.
         Returns:
-            ``(inputs_embeds (S, H), position_ids (S,), labels (S,))`` with -100 at every visual slot.
-            Models with multi-axis positions (M-RoPE) override this and return ``(3, S)`` positions.
+            ``(inputs_embeds (S, H), positions, labels (S,))`` with -100 at every image slot; positions
+            are ``(S,)`` for 1-D models and ``(position_rows, S)`` otherwise, on ``projected``'s device.
         """
         from ..engine import _image_runs  # one home for the placeholder rule (engine imports this package)
 
-        ids = [int(t) for t in input_ids.tolist()]
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        ids = [int(t) for t in input_ids.tolist()]
         runs = _image_runs(ids, self.image_token_id)
         if len(runs) != 1:
             raise ValueError(f"a training sample must hold the image token (id {self.image_token_id}) in one run, got {len(runs)} runs")
@@ -266,21 +276,16 @@ class VLMAdapter:
         layout = self.layout(image_size)
         if run not in (1, layout.num_slots):
             raise ValueError(f"a training sample has a run of {run} image tokens; expected 1 placeholder or the expanded run of {layout.num_slots}")
-        if visual_embeds.dim() != 2 or visual_embeds.shape[0] != layout.num_tokens:
-            raise ValueError(f"visual_embeds must have shape ({layout.num_tokens}, H) for this image, got {tuple(visual_embeds.shape)}")
-        device = visual_embeds.device
-        text_ids = torch.tensor(ids[:start] + ids[start + run:], dtype=torch.int64, device=device)
-        text_labels = torch.cat([labels[:start], labels[start + run:]]).to(device=device, dtype=torch.int64)
-        text_embeds = self.embed_tokens(text_ids)
-        visual = visual_embeds.new_zeros(layout.num_slots, visual_embeds.shape[-1])
-        visual = visual.index_copy(0, layout.token_slot.to(device), visual_embeds)
-        newline = self.newline_embedding()
-        if layout.newline_slot.numel():
-            rows = newline.to(device=device, dtype=visual.dtype).expand(layout.newline_slot.numel(), -1)
-            visual = visual.index_copy(0, layout.newline_slot.to(device), rows)
-        embeds = torch.cat([text_embeds[:start], visual.to(text_embeds.dtype), text_embeds[start:]])
-        seq_labels = torch.cat([text_labels[:start], text_labels.new_full((layout.num_slots,), -100), text_labels[start:]])
-        return embeds, torch.arange(embeds.shape[0], device=device), seq_labels
+        if projected.dim() != 2 or projected.shape[0] != layout.num_tokens:
+            raise ValueError(f"projected must have shape ({layout.num_tokens}, H) for this image, got {tuple(projected.shape)}")
+        slots = layout.num_slots
+        expanded = torch.tensor(ids[:start] + [self.image_token_id] * slots + ids[start + run:], dtype=torch.int64)
+        labels = labels.to(torch.int64).cpu()
+        seq_labels = torch.cat([labels[:start], labels.new_full((slots,), -100), labels[start + run:]])
+        embeds, positions = self.embed_full_sequence(expanded, [image_size], [projected])
+        device = projected.device
+        positions = positions.to(device)
+        return embeds.to(device), positions[0] if self.position_rows == 1 else positions, seq_labels.to(device)
 
     def training_logits(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, rows: Tensor) -> Tensor:
         """Logits of the frozen LLM at the flat ``rows`` of a right-padded ``(B, S, H)`` batch.

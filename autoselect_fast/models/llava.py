@@ -124,6 +124,9 @@ class LlavaAdapter(LlavaFamilyAdapter):
     def layout(self, image_size: Optional[tuple[int, int]] = None) -> ImageLayout:
         return self._layout
 
+    def image_size_of(self, height: int, width: int, image_processor) -> None:
+        return None  # every image is resized to one square: N does not depend on the size
+
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
         features = self._vision_hidden_states(torch.stack(list(pixel_values)))
         if features.shape[1] != self._layout.num_tokens:

@@ -99,6 +99,9 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             self._layouts[image_size] = self._build_layout(image_size)
         return self._layouts[image_size]
 
+    def image_size_of(self, height: int, width: int, image_processor) -> tuple[int, int]:
+        return _image_size_tuple((height, width))  # the layout follows the original size
+
     def _build_layout(self, image_size: tuple[int, int]) -> ImageLayout:
         tiles, p = self.num_tiles(image_size), self.tokens_per_tile
         # The model's own arrangement applied to token indices (float64 is exact far beyond any N).

@@ -16,6 +16,13 @@ Facts this adapter relies on (DESIGN.md section 9, transformers 5.24 ``models/qw
 * Positions are M-RoPE ``(3, L)``: :meth:`Qwen2_5_VLAdapter.sequence_positions` is the model's own
   ``get_rope_index`` on the full (unpruned) sequence.
 
+* For ``autoselect-fast show`` and training data: the processor resizes an image with ``smart_resize``
+  (sides multiples of ``patch·merge`` = 28 px, pixel count within its limits), so
+  :meth:`Qwen2_5_VLAdapter.image_size_of` knows the grid, hence N, from the image header, and
+  :meth:`Qwen2_5_VLAdapter.token_regions` maps group (row, col) to its 28x28 square scaled back.
+  Training needs nothing beyond the base class: ``training_sequence`` builds on ``embed_full_sequence``
+  and :meth:`Qwen2_5_VLAdapter.sequence_positions`.
+
 Budgets: a fixed ``keep`` larger than an image's N is clipped to N (``clips_keep_to_tokens``), since N
 follows each image's resolution. Videos are not supported yet (their placeholder token is refused).
 """
@@ -27,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, VLMAdapter
+from . import ImageLayout, TokenRegions, VLMAdapter
 
 
 def _grid_tuple(image_size) -> tuple[int, int, int]:
@@ -114,6 +121,42 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         if grid not in self._layouts:
             self._layouts[grid] = ImageLayout.plain(grid[0] * grid[1] * grid[2] // self.merge**2)
         return self._layouts[grid]
+
+    def resized_size(self, height: int, width: int, image_processor) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the image the processor patchifies (its ``smart_resize``)."""
+        # the Pillow backend's copy of smart_resize: the torchvision backend's module needs torchvision to import
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        if not getattr(image_processor, "do_resize", True):
+            return int(height), int(width)
+        size = image_processor.size
+        field = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+        patch = int(getattr(image_processor, "patch_size", self.patch_size))
+        merge = int(getattr(image_processor, "merge_size", self.merge))
+        return smart_resize(int(height), int(width), factor=patch * merge,
+                            min_pixels=field("shortest_edge"), max_pixels=field("longest_edge"))
+
+    def image_size_of(self, height: int, width: int, image_processor) -> tuple[int, int, int]:
+        rh, rw = self.resized_size(height, width, image_processor)
+        return 1, rh // self.patch_size, rw // self.patch_size
+
+    def image_prompt_text(self, tokenizer) -> str:
+        """``<|vision_start|><|image_pad|><|vision_end|>``, as Qwen's chat template renders an image."""
+        ids = [self.config.vision_start_token_id, self.image_token_id, self.config.vision_end_token_id]
+        return "".join(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+    def token_regions(self, image_size: tuple[int, int], image_processor) -> TokenRegions:
+        """LLM visual token g = merge group (row, col) in raster order = a ``merge·patch``-pixel square
+        (28x28) of the resized image, mapped back to the original ``(height, width)``."""
+        h, w = int(image_size[0]), int(image_size[1])
+        rh, rw = self.resized_size(h, w, image_processor)
+        cell = self.merge * self.patch_size
+        rows, cols = rh // cell, rw // cell
+        r, c = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
+        sx, sy = w / rw, h / rh
+        boxes = torch.stack([c * cell * sx, r * cell * sy, (c + 1) * cell * sx, (r + 1) * cell * sy], dim=1).float()
+        boxes = torch.minimum(boxes, torch.tensor([w, h, w, h], dtype=torch.float32))
+        return TokenRegions(boxes, torch.zeros(rows * cols, dtype=torch.int64), ("image",))
 
     # -- images (device) ------------------------------------------------------------------------
     def pre_merger_states(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
