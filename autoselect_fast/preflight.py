@@ -17,7 +17,8 @@ from torch import nn
 
 # Above this much prefill work on a CPU, `autoselect-fast bench` asks for --force. The rule counts
 # FLOPs, not measured seconds, so a busy machine does not turn the CPU-sized `default` preset (about 3
-# TFLOPs per run) into a refusal; the full-size presets are 135 (LLaVA-1.5-7B) and 508 (LLaVA-NeXT-7B).
+# TFLOPs per run; `qwen2.5-vl-cpu` about 18) into a refusal; the full-size presets are 135 (LLaVA-1.5-7B),
+# 508 (LLaVA-NeXT-7B) and 4,083 (Qwen2.5-VL-7B with its 16-request serving batch).
 CPU_FORCE_THRESHOLD_FLOPS = 50e12
 
 
