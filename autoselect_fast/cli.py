@@ -88,7 +88,7 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
 
 def run_report_command(args: argparse.Namespace) -> dict:
     from .presets import get_preset
-    from .report import ReportSettings, run_report
+    from .report import ReportSettings, run_report, supports_serving
 
     preset = get_preset(args.preset)
     say = print if not args.quiet else (lambda *a, **k: None)
@@ -100,11 +100,15 @@ def run_report_command(args: argparse.Namespace) -> dict:
     low, high = args.mixed_text
     if not 2 <= low <= high:
         raise preflight.UsageError(f"--mixed-text {low} {high}: need 2 <= LOW <= HIGH text tokens per prompt")
+    if args.serving_batch and not supports_serving(preset):
+        raise preflight.UsageError(f"--serving-batch {args.serving_batch}: preset {preset.name!r} has fixed-size images; the serving "
+                                   "scenario needs a Qwen2.5-VL preset (or --serving-batch 0)")
     dtype_name = args.dtype or preset.default_dtype
     if args.device.type == "cpu":
         keeps = args.keep or list(preset.default_keeps)
         seconds, flops = preflight.estimate_report_seconds(
-            preset, keeps, dtype=_dtype(dtype_name), batch=args.batch, warmup=args.warmup, repeats=args.repeats, skeleton=skeleton
+            preset, keeps, dtype=_dtype(dtype_name), batch=args.batch, warmup=args.warmup, repeats=args.repeats, skeleton=skeleton,
+            serving_batch=args.serving_batch,
         )
         estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {dtype_name} matmul speed)"
         if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
@@ -115,7 +119,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
         say(f"estimated run time on this CPU: {estimate}")
     settings = ReportSettings(
         preset=args.preset, keeps=args.keep, device=str(args.device), dtype=args.dtype, batch=args.batch,
-        mixed_batch=args.mixed_batch, mixed_text=tuple(args.mixed_text),
+        mixed_batch=args.mixed_batch, mixed_text=tuple(args.mixed_text), serving_batch=args.serving_batch,
         warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
     )
     return run_report(settings)
@@ -233,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests in the mixed-prompt batch scenario, timed at the smallest K (default: the preset's, 8 for default; 0: skip it)")
     bench.add_argument("--mixed-text", type=_int_at_least(1), nargs=2, default=[10, 200], metavar=("LOW", "HIGH"),
                        help="text tokens per prompt in the mixed scenario, spread evenly from LOW to HIGH (default: 10 200)")
+    bench.add_argument("--serving-batch", type=_int_at_least(0), default=None, metavar="B",
+                       help="requests in the serving scenario (images of mixed resolutions, prompts of mixed lengths; transformers' "
+                            "padded batch, the engine with every token and at keep ratios 1/3, 2/9, 1/9); default: the preset's, "
+                            "16 for the Qwen2.5-VL presets, none for LLaVA (0: skip it)")
     bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON, markdown tables and PNG go")

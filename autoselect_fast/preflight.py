@@ -17,7 +17,8 @@ from torch import nn
 
 # Above this much prefill work on a CPU, `autoselect-fast bench` asks for --force. The rule counts
 # FLOPs, not measured seconds, so a busy machine does not turn the CPU-sized `default` preset (about 3
-# TFLOPs per run) into a refusal; the full-size presets are 135 (LLaVA-1.5-7B) and 508 (LLaVA-NeXT-7B).
+# TFLOPs per run; `qwen2.5-vl-cpu` about 18) into a refusal; the full-size presets are 135 (LLaVA-1.5-7B),
+# 508 (LLaVA-NeXT-7B) and 4,083 (Qwen2.5-VL-7B with its 16-request serving batch).
 CPU_FORCE_THRESHOLD_FLOPS = 50e12
 
 
@@ -117,25 +118,41 @@ def matmul_flops_per_second(dtype: torch.dtype, rows: int = 256, width: int = 10
 
 
 def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype, batch: int, warmup: int, repeats: int,
-                            flops_per_second: Optional[float] = None, skeleton=None) -> tuple[float, float]:
+                            flops_per_second: Optional[float] = None, skeleton=None, serving_batch: Optional[int] = None) -> tuple[float, float]:
     """``(seconds, total FLOPs)``: a rough CPU run time of ``autoselect-fast bench`` for ``preset``.
 
     Every prefill costs about 2 FLOPs per parameter per token (LLM over text + kept tokens, vision
     tower over every image patch); each configuration runs ``warmup + repeats`` timed prefills and one
-    more for the FLOP count. Real layers run slower than a bare matmul, so this is a lower bound more
-    than an upper one.
+    more for the FLOP count; the serving scenario (``serving_batch`` requests, default the preset's)
+    adds its full-model and keep-ratio configurations over its own images. Real layers run slower than
+    a bare matmul, so this is a lower bound more than an upper one.
     """
+    from .report import vision_tower
+
     adapter = skeleton if skeleton is not None else preset_skeleton(preset)
-    vision_params = sum(p.numel() for p in adapter.inner.vision_tower.parameters())
+    vision_params = sum(p.numel() for p in vision_tower(adapter).parameters())
     llm_params = sum(p.numel() for p in adapter.language_model.parameters()) + sum(p.numel() for p in adapter.lm_head.parameters())
     n = preset_visual_tokens(preset, adapter)
     vision_cfg = adapter.config.vision_config
-    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1
-    tiles = max(1, round(n / (patches - 1)))  # LLaVA-NeXT: base tile + crops
+    merge = getattr(adapter, "merge", None)  # native resolution (Qwen2.5-VL): one token per merge² patches
+    if merge is not None:
+        patches, tiles = n * merge**2, 1
+    else:
+        patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1
+        tiles = max(1, round(n / (patches - 1)))  # LLaVA-NeXT: base tile + crops
     text = preset.text_before + preset.text_after
     per_config = []
     for k in [n, *keeps]:
         per_config.append(2 * (llm_params * (text + k) + vision_params * patches * tiles) * batch)
+    serving = preset.serving_batch if serving_batch is None else serving_batch
+    if serving:
+        from .report import SERVING_RATIOS, SERVING_TEXT, serving_visual_tokens
+
+        tokens = serving_visual_tokens(adapter, preset, serving)
+        text_total = serving * sum(SERVING_TEXT) / 2
+        vision = vision_params * sum(tokens) * (merge or 1) ** 2
+        for kept in [tokens, tokens] + [[max(1, round(r * t)) for t in tokens] for r in SERVING_RATIOS]:
+            per_config.append(2 * (llm_params * (text_total + sum(kept)) + vision))
     flops = sum(per_config) * (warmup + repeats + 1)
     rate = flops_per_second if flops_per_second is not None else matmul_flops_per_second(dtype)
     return flops / rate, flops

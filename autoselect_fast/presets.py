@@ -4,7 +4,9 @@ Timing needs no trained weights, so each preset builds the architecture from a c
 it randomly. ``default`` is a LLaVA-1.5-shaped model scaled down to run in about a minute on a 2-core
 CPU while keeping the published model's proportions (N = 576 visual tokens; vision tower, Scorer and
 LLM scaled by the same factor in per-token FLOPs); ``llava-next-cpu`` is its LLaVA-NeXT counterpart
-(N = 2,880); ``tiny`` is a smoke test; the others are the full-size architectures, meant for a GPU.
+(N = 2,880); ``qwen2.5-vl-cpu`` is a Qwen2.5-VL-shaped model for the serving scenario (16 requests,
+each image at its own resolution); ``tiny`` and ``qwen-tiny`` are smoke tests; the others are the
+full-size architectures, meant for a GPU.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ class Preset:
     default_dtype: str = "fp16"
     default_keeps: tuple[int, ...] = (192, 128, 64)
     mixed_batch: int = 8  # requests of the report's mixed-prompt batch scenario (0: none)
+    # The serving scenario (Qwen2.5-VL: every image at its own resolution): requests, and the image
+    # processor's (min_pixels, max_pixels) bounds that turn the mixed image sizes into mixed N_i.
+    serving_batch: int = 0
+    serving_pixels: tuple[int, int] = (28 * 28 * 16, 28 * 28 * 256)
     notes: list[str] = field(default_factory=list)
 
 
@@ -99,6 +105,42 @@ def _tiny_config():
     return _llava_15_config(vision, text, image_token_index=511)
 
 
+# Qwen2.5-VL-7B-Instruct's architecture (vision: 32 blocks, windowed but for 4; text: Qwen2-7B with M-RoPE).
+QWEN_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, spatial_merge_size=2,
+                      patch_size=14, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+QWEN_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1000000.0)
+QWEN_7B_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def _qwen2_5_vl_config(vision: dict, text: dict, tokens: dict):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens)
+
+
+def _qwen_cpu_config():
+    # Qwen2.5-VL's layout (14-px patches, 2x2 merge, 112-px attention windows with one full-attention
+    # block, GQA, M-RoPE) scaled for a 2-core CPU: vision 256 x 4 blocks, LLM 1024 x 4 layers with 16
+    # heads of 64 (M-RoPE sections [8, 12, 12] = head dim / 2, as [16, 24, 24] is for 128) and 4 KV
+    # heads. A 32k vocabulary keeps the weights small; the special tokens sit above the words.
+    vision = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024, spatial_merge_size=2,
+                  patch_size=14, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3])
+    text = dict(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                num_key_value_heads=4, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
+    return _qwen2_5_vl_config(vision, text, dict(image_token_id=32001, video_token_id=32002, vision_start_token_id=32003, vision_end_token_id=32004))
+
+
+def _qwen_tiny_config():
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, spatial_merge_size=2,
+                  patch_size=14, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    return _qwen2_5_vl_config(vision, text, dict(image_token_id=504, video_token_id=505, vision_start_token_id=502, vision_end_token_id=503))
+
+
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         name="default",
@@ -152,6 +194,49 @@ PRESETS: dict[str, Preset] = {
         text_before=8,
         text_after=40,
         default_keeps=(640, 320, 160),
+    ),
+    "qwen2.5-vl-cpu": Preset(
+        name="qwen2.5-vl-cpu",
+        description="Qwen2.5-VL-shaped, scaled down for a CPU (vision 256x4, LLM 1024x4, GQA 16/4 heads), serving batch of 16 "
+                    "requests with images of 16-196 tokens each, random weights",
+        build_config=_qwen_cpu_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v, hidden_dim=64, num_layers=2, num_heads=2),
+        image_size=(336, 336),  # the single scenario's image: 12 x 12 groups, N = 144
+        text_before=8,
+        text_after=40,
+        default_dtype="fp32",
+        default_keeps=(48, 16),
+        mixed_batch=0,  # the serving scenario mixes prompt lengths and image sizes
+        serving_batch=16,
+        serving_pixels=(28 * 28 * 16, 28 * 28 * 196),
+    ),
+    "qwen-tiny": Preset(
+        name="qwen-tiny",
+        description="a few-second smoke test of the report on Qwen2.5-VL classes (N = 4-64 per image), random weights",
+        build_config=_qwen_tiny_config,
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v, hidden_dim=32, num_layers=1, num_heads=2),
+        image_size=(112, 112),  # 4 x 4 groups, N = 16
+        text_before=4,
+        text_after=8,
+        default_dtype="fp32",
+        default_keeps=(8, 4),
+        mixed_batch=0,
+        serving_batch=16,
+        serving_pixels=(28 * 28 * 4, 28 * 28 * 64),
+    ),
+    "qwen2.5-vl-7b": Preset(
+        name="qwen2.5-vl-7b",
+        description="Qwen2.5-VL-7B architecture (ViT 1280x32 with window attention + Qwen2-7B, M-RoPE), serving batch of 16 "
+                    "requests with images of 64-1024 tokens each, random weights",
+        build_config=lambda: _qwen2_5_vl_config(QWEN_VISION_7B, QWEN_TEXT_7B, QWEN_7B_TOKENS),
+        scorer=lambda d_v: ScorerConfig(input_dim=d_v),
+        image_size=(672, 672),  # 24 x 24 groups, N = 576
+        text_before=8,
+        text_after=40,
+        default_keeps=(192, 64),
+        mixed_batch=0,
+        serving_batch=16,
+        serving_pixels=(28 * 28 * 64, 28 * 28 * 1024),
     ),
 }
 

@@ -14,9 +14,16 @@ state), these **contenders** on the same requests:
   tokens. ``engine`` with every token kept is the check that the engine's path itself is as fast as
   transformers'.
 
-Two **scenarios**: ``single`` (``--batch`` requests of the preset's prompt shape; the full model and
-every budget K) and ``mixed`` (B requests whose prompts hold 10-200 text tokens, at the smallest
-budget: what packing buys over padding, with tokens processed against padded).
+Up to three **scenarios**: ``single`` (``--batch`` requests of the preset's prompt shape; the full model
+and every budget K), ``mixed`` (B requests whose prompts hold 10-200 text tokens, at the smallest
+budget: what packing buys over padding, with tokens processed against padded) and ``serving`` (presets
+with ``serving_batch``, Qwen2.5-VL: 16 requests whose images have different resolutions, so different
+N_i through the image processor's ``min_pixels`` / ``max_pixels``, and whose prompts have different
+lengths; transformers' padded batch, the engine with every token, and the engine at keep ratios
+1/3, 2/9 and 1/9, i.e. K_i = max(1, round(r * N_i)) per image).
+
+A configuration's ``keep`` is ``None`` (every token), an int K (a fixed budget per image) or a float
+r in (0, 1) (a keep ratio: the engine's ``keep_ratio``).
 
 Per contender and configuration the report gives vision, pruning, glue, LLM prefill and TTFT
 (medians with min-max over the repeats), LLM prefill FLOPs as executed (``torch.utils.flop_counter``;
@@ -34,7 +41,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +55,12 @@ from .progress import heartbeat
 from .timing import NOISE_MAX_OVER_MIN, Stopwatch, environment, is_noisy, measure, summarize
 
 STAGES = ("vision", "prune", "pack", "prefill", "total")
+# Keep ratios of the serving scenario: 66.7, 77.8 and 88.9 % pruning (AutoSelect's Table 3 rates).
+SERVING_RATIOS = (1 / 3, 2 / 9, 1 / 9)
+# Prompt text tokens of the serving scenario's requests, from LOW to HIGH.
+SERVING_TEXT = (10, 120)
+# Aspect ratios (width / height) the serving scenario's images cycle through.
+SERVING_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 1 / 2)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "transformers"
 # A speedup more than this factor above the FLOP ratio is flagged: less work cannot explain it.
@@ -73,6 +86,8 @@ class ReportSettings:
     batch: int = 1  # requests of the `single` scenario
     mixed_batch: Optional[int] = None  # requests of the `mixed` scenario; None: the preset's, 0: skip it
     mixed_text: tuple[int, int] = (10, 200)  # text tokens per prompt of the `mixed` scenario
+    serving_batch: Optional[int] = None  # requests of the `serving` scenario; None: the preset's, 0: skip it
+    serving_ratios: Sequence[float] = SERVING_RATIOS  # keep ratios of the `serving` scenario
     warmup: int = 2
     repeats: int = 5
     out_dir: str = "bench/out"
@@ -121,6 +136,80 @@ def synthetic_requests(engine: AutoSelectEngine, preset: Preset, batch: int, tex
     return requests
 
 
+def serving_image_sizes(adapter, preset: Preset, batch: int) -> list[tuple[int, int]]:
+    """``batch`` raw image sizes ``(height, width)`` whose token counts N_i all differ.
+
+    Areas spread geometrically over the preset's ``serving_pixels`` bounds (a little beyond, so the
+    processor's rounding and clamping both act), aspect ratios cycling through :data:`SERVING_ASPECTS`;
+    an image whose N the processor maps onto an earlier one's grows by 5 % per side until it differs.
+    """
+    low, high = preset.serving_pixels
+    processor = serving_image_processor(adapter, preset)
+    sizes, seen = [], set()
+    for i in range(batch):
+        area = low * (high / low) ** (i / max(1, batch - 1)) * 1.07
+        aspect = SERVING_ASPECTS[i % len(SERVING_ASPECTS)]
+        height = max(16, round((area / aspect) ** 0.5))
+        for _ in range(100):
+            width = max(16, round(height * aspect))
+            n = _image_tokens(adapter, processor, height, width)
+            if n not in seen:
+                break
+            height = round(height * 1.05) + 1
+        else:
+            raise ValueError(f"preset {preset.name!r}: serving_pixels {preset.serving_pixels} leave no room for {batch} distinct token counts")
+        seen.add(n)
+        sizes.append((height, width))
+    return sizes
+
+
+def _image_tokens(adapter, processor, height: int, width: int) -> int:
+    image = synthetic_image(height, width, seed=0)
+    return adapter.layout(adapter.process_image(image, processor)[1]).num_tokens
+
+
+def supports_serving(preset: Preset) -> bool:
+    """Whether the preset's model gives each image its own token count (a spatial-merge vision config)."""
+    return hasattr(preset.build_config().vision_config, "spatial_merge_size")
+
+
+def serving_image_processor(adapter, preset: Preset):
+    """The model's image processor with the preset's ``(min_pixels, max_pixels)`` bounds."""
+    default = adapter.default_image_processor()
+    if not hasattr(default, "merge_size"):
+        raise ValueError(f"the serving scenario needs a native-resolution model (Qwen2.5-VL); {type(adapter).__name__} has fixed-size images")
+    low, high = preset.serving_pixels
+    return type(default)(patch_size=default.patch_size, temporal_patch_size=default.temporal_patch_size,
+                         merge_size=default.merge_size, min_pixels=low, max_pixels=high)
+
+
+def serving_visual_tokens(adapter, preset: Preset, batch: int) -> list[int]:
+    """N_i of the serving scenario's images (host-side processing only; ``adapter`` may be a meta skeleton)."""
+    processor = serving_image_processor(adapter, preset)
+    return [_image_tokens(adapter, processor, h, w) for h, w in serving_image_sizes(adapter, preset, batch)]
+
+
+def serving_requests(engine: AutoSelectEngine, preset: Preset, batch: int, text: tuple[int, int] = SERVING_TEXT) -> list[Request]:
+    """The serving scenario's ``batch`` requests: image i of size ``serving_image_sizes(...)[i]`` through
+    :func:`serving_image_processor`, prompt lengths from ``text`` spread over the batch in an order that
+    does not follow the image sizes (a long prompt may come with a small image and vice versa)."""
+    adapter = engine.adapter
+    processor = serving_image_processor(adapter, preset)
+    lengths = mixed_text_lengths(batch, *text)
+    stride = next(s for s in (7, 5, 3, 1) if batch % s or s == 1)  # coprime with batch: a permutation
+    lengths = [lengths[(i * stride) % batch] for i in range(batch)]
+    vocab, image_token = adapter.language_model.config.vocab_size, adapter.image_token_id
+    requests = []
+    for i, ((height, width), length) in enumerate(zip(serving_image_sizes(adapter, preset, batch), lengths)):
+        gen = torch.Generator().manual_seed(2000 + i)
+        before = max(1, min(preset.text_before, length - 1))
+        words = torch.randint(3, min(vocab, image_token) - 1, (length - 1,), generator=gen).tolist()
+        prompt = [1] + words[: before - 1] + [image_token] + words[before - 1 :]
+        pixel_values, size = adapter.process_image(synthetic_image(height, width, seed=100 + i), processor)
+        requests.append(Request(prompt, pixel_values=pixel_values, image_sizes=size))
+    return requests
+
+
 def mixed_text_lengths(batch: int, low: int, high: int) -> list[int]:
     """``batch`` prompt lengths evenly spread over ``[low, high]`` text tokens, shortest first."""
     if batch == 1:
@@ -164,6 +253,9 @@ def _module_flops(counter: FlopCounterMode, root: nn.Module, modules: Sequence[n
 # --------------------------------------------------------------------------------------------------
 # Contenders
 # --------------------------------------------------------------------------------------------------
+Keep = Optional[Union[int, float]]  # every token, a fixed K, or a keep ratio
+
+
 @dataclass
 class BenchSetup:
     """A built preset: the model, the Scorer and an engine that keeps every token (for shared stages)."""
@@ -178,7 +270,10 @@ class BenchSetup:
     def __post_init__(self):
         self.engine = AutoSelectEngine(self.model, self.scorer, keep=None, score_cache_size=0)
 
-    def engine_for(self, keep: Optional[int]) -> AutoSelectEngine:
+    def engine_for(self, keep: Keep) -> AutoSelectEngine:
+        """An engine keeping every token (None), K per image (int) or ``max(1, round(r * N_i))`` (float r)."""
+        if isinstance(keep, float):
+            return AutoSelectEngine(self.model, self.scorer, keep_ratio=keep, score_cache_size=0)
         return AutoSelectEngine(self.model, self.scorer, keep=keep, score_cache_size=0)
 
 
@@ -305,11 +400,52 @@ def llava_model_inputs(setup: BenchSetup, batch: PreparedBatch) -> dict:
     return {k: v.to(setup.device, dtype) if v.is_floating_point() else v.to(setup.device) for k, v in inputs.items()}
 
 
+def _expanded_sequences(batch: PreparedBatch, image_token_id: int) -> list[list[int]]:
+    """Each request's token ids with every image placeholder expanded to the image's slots, as the
+    model's processor writes them."""
+    sequences = []
+    for r, (s, e) in enumerate(zip(batch.text_cu_seqlens[:-1].tolist(), batch.text_cu_seqlens[1:].tolist())):
+        text, seq, done = batch.text_ids[s:e].tolist(), [], 0
+        for i in batch.images_of(r):
+            a = int(batch.insert_at[i])
+            seq += text[done:a] + [image_token_id] * batch.layouts[i].num_slots
+            done = a
+        sequences.append(seq + text[done:])
+    return sequences
+
+
+def qwen2_5_vl_model_inputs(setup: BenchSetup, batch: PreparedBatch) -> dict:
+    """What ``Qwen2_5_VLProcessor`` (left padding) hands ``generate`` for the prefill: expanded
+    ``<|image_pad|>`` runs, ``attention_mask``, ``mm_token_type_ids`` (1 on image tokens: the model's
+    own ``get_rope_index`` needs it), every image's patches concatenated and ``image_grid_thw``. No
+    ``position_ids``: the model computes its M-RoPE positions itself, as in ``generate``."""
+    adapter = setup.engine.adapter
+    sequences = _expanded_sequences(batch, adapter.image_token_id)
+    longest = max(len(seq) for seq in sequences)
+    pad = adapter.language_model.config.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (longest - len(seq)) + seq for seq in sequences])
+    mask = torch.tensor([[0] * (longest - len(seq)) + [1] * len(seq) for seq in sequences])
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": ((input_ids == adapter.image_token_id) & (mask == 1)).to(torch.int32),
+        "pixel_values": torch.cat(batch.pixel_values).to(adapter.tower.patch_embed.proj.weight.dtype),
+        "image_grid_thw": torch.tensor([list(size) for size in batch.image_sizes], dtype=torch.int64),
+    }
+    return {k: v.to(setup.device) for k, v in inputs.items()}
+
+
 # The unmodified model's inputs, per model family (adapter class name).
 MODEL_INPUTS: dict[str, Callable[[BenchSetup, PreparedBatch], dict]] = {
     "LlavaAdapter": llava_model_inputs,
     "LlavaNextAdapter": llava_model_inputs,
+    "Qwen2_5_VLAdapter": qwen2_5_vl_model_inputs,
 }
+
+
+def vision_tower(adapter) -> nn.Module:
+    """The model's vision tower (LLaVA: ``vision_tower``; Qwen2.5-VL: ``visual``)."""
+    return getattr(adapter, "tower", None) or adapter.inner.vision_tower
 
 
 class _ModuleTimer:
@@ -354,7 +490,7 @@ def transformers_contender(setup: BenchSetup, requests: list[Request], keep: Opt
         raise NotImplementedError(f"no unmodified-model inputs for {family}; add a builder to report.MODEL_INPUTS")
     batch = setup.engine.prepare(requests)
     inputs = MODEL_INPUTS[family](setup, batch)
-    stage_modules = {"vision": [adapter.inner.vision_tower], "prefill": [adapter.language_model, adapter.lm_head]}
+    stage_modules = {"vision": [vision_tower(adapter)], "prefill": [adapter.language_model, adapter.lm_head]}
 
     @torch.inference_mode()
     def forward():
@@ -373,8 +509,7 @@ def transformers_contender(setup: BenchSetup, requests: list[Request], keep: Opt
             forward()
         return _module_flops(counter, model, stage_modules["prefill"])
 
-    lengths = [len(batch.text_ids[s:e]) + layout.num_slots for s, e, layout in
-               zip(batch.text_cu_seqlens[:-1].tolist(), batch.text_cu_seqlens[1:].tolist(), batch.layouts)]
+    lengths = [len(seq) for seq in _expanded_sequences(batch, adapter.image_token_id)]
     return Contender(BASELINE, None, run, flops, lengths, inputs["input_ids"].numel())
 
 
@@ -393,7 +528,7 @@ class Scenario:
     name: str
     description: str
     requests: list[Request]
-    configs: list[tuple[str, Optional[int]]]  # (contender, keep); the first is the baseline
+    configs: list[tuple[str, Keep]]  # (contender, keep); the first is the baseline
 
 
 def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings, bar) -> dict:
@@ -402,7 +537,7 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
     samples: list[dict[str, list[float]]] = [{stage: [] for stage in STAGES} for _ in contenders]
     for round_ in range(settings.warmup + settings.repeats):
         for c, store in zip(contenders, samples):
-            bar.set_postfix_str(f"{scenario.name}: {c.name} {'all' if c.keep is None else f'K={c.keep}'}")
+            bar.set_postfix_str(f"{scenario.name}: {c.name} {_keep_label(c.keep)}")
             with torch.inference_mode():
                 ms, _ = c.run()
             if round_ >= settings.warmup:
@@ -437,16 +572,26 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
         "description": scenario.description,
         "batch": len(scenario.requests),
         "text_tokens": [_text_tokens(setup, req) for req in scenario.requests],
+        "visual_tokens": _visual_tokens(setup, scenario.requests),
         "baseline": base["contender"],
         "rows": rows,
     }
+
+
+def _visual_tokens(setup: BenchSetup, requests: list[Request]) -> list[int]:
+    """N per request: visual tokens of its image(s) before pruning."""
+    batch = setup.engine.prepare(requests)
+    out = [0] * len(requests)
+    for r, layout in zip(batch.image_request.tolist(), batch.layouts):
+        out[r] += layout.num_tokens
+    return out
 
 
 def _text_tokens(setup: BenchSetup, request: Request) -> int:
     return sum(1 for t in request.prompt if t != setup.engine.adapter.image_token_id)
 
 
-def build_scenarios(setup: BenchSetup, settings: ReportSettings, keeps: list[int], mixed_batch: int) -> list[Scenario]:
+def build_scenarios(setup: BenchSetup, settings: ReportSettings, keeps: list[int], mixed_batch: int, serving_batch: int = 0) -> list[Scenario]:
     preset = setup.preset
     single = synthetic_requests(setup.engine, preset, settings.batch)
     configs = [("transformers", None), ("engine", None), ("peers", None)]
@@ -464,15 +609,33 @@ def build_scenarios(setup: BenchSetup, settings: ReportSettings, keeps: list[int
             "mixed", f"batch {mixed_batch}, prompts of {low}-{high} text tokens ({', '.join(map(str, lengths))}); K = {k}",
             synthetic_requests(setup.engine, preset, mixed_batch, lengths), configs,
         ))
+    if serving_batch:
+        scenarios.append(serving_scenario(setup, serving_batch, settings.serving_ratios))
     return scenarios
+
+
+def serving_scenario(setup: BenchSetup, batch: int, ratios: Sequence[float] = SERVING_RATIOS) -> Scenario:
+    """``batch`` requests of mixed image sizes and prompt lengths: (a) transformers' padded batch, (b)
+    the engine with every token, (c) the engine at each keep ratio."""
+    requests = serving_requests(setup.engine, setup.preset, batch)
+    n = [setup.engine.adapter.layout(r.image_sizes).num_tokens for r in requests]
+    configs = [("transformers", None), ("engine", None)] + [("engine", float(r)) for r in ratios]
+    low, high = SERVING_TEXT
+    return Scenario(
+        "serving",
+        f"batch {batch}, images of N = {min(n)}-{max(n)} tokens, prompts of {low}-{high} text tokens; keep ratios "
+        + ", ".join(f"{r:.3f}" for r in ratios),
+        requests, configs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------
-def report_stem(preset: str, device: torch.device, dtype_name: str, batch: int, mixed_batch: int) -> str:
+def report_stem(preset: str, device: torch.device, dtype_name: str, batch: int, mixed_batch: int, serving_batch: int = 0) -> str:
     """File name stem: preset, device, dtype and batch scenarios, so different runs do not overwrite each other."""
-    return f"report-{preset}-{device.type}-{dtype_name}-b{batch}" + (f"-mixed{mixed_batch}" if mixed_batch else "")
+    return (f"report-{preset}-{device.type}-{dtype_name}-b{batch}" + (f"-mixed{mixed_batch}" if mixed_batch else "")
+            + (f"-serving{serving_batch}" if serving_batch else ""))
 
 
 def run_report(settings: ReportSettings) -> dict:
@@ -483,9 +646,15 @@ def run_report(settings: ReportSettings) -> dict:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
     dtype, device = DTYPES[dtype_name], torch.device(settings.device)
     mixed_batch = preset.mixed_batch if settings.mixed_batch is None else settings.mixed_batch
-    if settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0 or mixed_batch < 0:
-        raise ValueError(f"batch and repeats must be >= 1, warmup and mixed_batch >= 0, got batch={settings.batch}, "
-                         f"repeats={settings.repeats}, warmup={settings.warmup}, mixed_batch={mixed_batch}")
+    serving_batch = preset.serving_batch if settings.serving_batch is None else settings.serving_batch
+    if settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0 or mixed_batch < 0 or serving_batch < 0:
+        raise ValueError(f"batch and repeats must be >= 1, warmup, mixed_batch and serving_batch >= 0, got batch={settings.batch}, "
+                         f"repeats={settings.repeats}, warmup={settings.warmup}, mixed_batch={mixed_batch}, serving_batch={serving_batch}")
+    if serving_batch and not supports_serving(preset):
+        raise ValueError(f"serving_batch={serving_batch}: the serving scenario needs a native-resolution model (a Qwen2.5-VL preset); "
+                         f"preset {preset.name!r} has fixed-size images (use serving_batch=0)")
+    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in settings.serving_ratios):
+        raise ValueError(f"serving_ratios must be keep ratios in (0, 1), got {list(settings.serving_ratios)}")
     low, high = settings.mixed_text
     if not 2 <= low <= high:
         raise ValueError(f"mixed_text must be (low, high) text tokens with 2 <= low <= high, got {tuple(settings.mixed_text)}")
@@ -503,7 +672,7 @@ def run_report(settings: ReportSettings) -> dict:
     too_big = [k for k in keeps if k >= n_tokens]
     if too_big:
         raise ValueError(f"keep must be below the image's N = {n_tokens} visual tokens (all of them is the full model, always timed), got {too_big}")
-    scenarios = build_scenarios(setup, settings, keeps, mixed_batch)
+    scenarios = build_scenarios(setup, settings, keeps, mixed_batch, serving_batch)
 
     runs = sum(len(s.configs) for s in scenarios) * (settings.warmup + settings.repeats)
     say(f"[2/3] timing {runs} prefills, contenders interleaved: {settings.warmup} warm-up + {settings.repeats} timed rounds per scenario")
@@ -540,7 +709,7 @@ def run_report(settings: ReportSettings) -> dict:
     say("[3/3] results")
     print(format_report(report))
     os.makedirs(settings.out_dir, exist_ok=True)
-    stem = os.path.join(settings.out_dir, report_stem(preset.name, device, dtype_name, settings.batch, mixed_batch))
+    stem = os.path.join(settings.out_dir, report_stem(preset.name, device, dtype_name, settings.batch, mixed_batch, serving_batch))
     with open(stem + ".json", "w") as fh:
         json.dump(report, fh, indent=2)
     with open(stem + ".md", "w") as fh:
@@ -589,7 +758,7 @@ def report_summary(report: dict) -> list[str]:
             if r["contender"] == "engine" and r["keep"] is not None:
                 x = r["speedup"]
                 vs_peers = f"; against the peers' padded batch: TTFT {r['ttft_speedup_vs_peers']:.2f}x (theirs / ours)" if "ttft_speedup_vs_peers" in r else ""
-                lines.append(f"{s['name']}: engine K={r['keep']}: prefill {x['prefill']:.2f}x, TTFT {x['ttft']:.2f}x faster than {base['contender']}; "
+                lines.append(f"{s['name']}: engine {_config(r)}: prefill {x['prefill']:.2f}x, TTFT {x['ttft']:.2f}x faster than {base['contender']}; "
                              f"FLOP ratio {x['flops_ratio']:.2f}x (prefill speedup = {x['prefill'] / x['flops_ratio']:.2f} of it){vs_peers}")
     return lines
 
@@ -614,13 +783,19 @@ def report_warnings(report: dict) -> list[str]:
 
 
 def _config(r: dict) -> str:
-    return "all" if r["keep"] is None else f"K={r['keep']}"
+    return _keep_label(r["keep"])
+
+
+def _keep_label(keep: Keep) -> str:
+    if keep is None:
+        return "all"
+    return f"r={keep:.3f}" if isinstance(keep, float) else f"K={keep}"
 
 
 def format_scenario(scenario: dict) -> str:
     lines = [
         f"scenario {scenario['name']}: {scenario['description']}; baseline = {scenario['baseline']}",
-        f"{'config':>6} {'contender':>12} {'seq':>5} {'padded':>7} {'vision':>17} {'pruning':>15} {'glue':>15} {'LLM prefill':>21} "
+        f"{'config':>7} {'contender':>12} {'seq':>5} {'padded':>7} {'vision':>17} {'pruning':>15} {'glue':>15} {'LLM prefill':>21} "
         f"{'TTFT':>21} {'GFLOPs':>7} {'prefill x':>9} {'TTFT x':>7} {'FLOP x':>6}",
     ]
 
@@ -632,7 +807,7 @@ def format_scenario(scenario: dict) -> str:
         s, x = r["stages"], r["speedup"]
         mark = {k: "!" if k in r["suspect"] else " " for k in ("ttft", "prefill")}
         lines.append(
-            f"{_config(r):>6} {r['contender']:>12} {max(r['sequence_lengths']):>5} {r['llm_tokens']:>7} {cell(s['vision'], 17)} "
+            f"{_config(r):>7} {r['contender']:>12} {max(r['sequence_lengths']):>5} {r['llm_tokens']:>7} {cell(s['vision'], 17)} "
             f"{cell(s['prune'], 15)} {cell(s['pack'], 15)} {cell(s['prefill'], 21)} {cell(s['total'], 21)} "
             f"{r['prefill_flops'] / 1e9:>7.1f} {x['prefill']:>8.2f}{mark['prefill']} {x['ttft']:>6.2f}{mark['ttft']} {x['flops_ratio']:>6.2f}"
         )
@@ -644,10 +819,10 @@ def format_scenario(scenario: dict) -> str:
                      "per-request TTFT = the batch's TTFT above):")
         seqs = {(r["contender"], r["keep"]): r["sequence_lengths"] for r in scenario["rows"]}
         keys = list(seqs)
-        lines.append(f"{'request':>8} {'text':>5} " + " ".join(f"{name + ' ' + ('all' if k is None else f'K={k}'):>16}" for name, k in keys)
+        lines.append(f"{'request':>8} {'text':>5} {'N':>5} " + " ".join(f"{name + ' ' + _keep_label(k):>16}" for name, k in keys)
                      + "   (LLM tokens of the request)")
-        for i, text in enumerate(scenario["text_tokens"]):
-            lines.append(f"{i:>8} {text:>5} " + " ".join(f"{seqs[key][i]:>16}" for key in keys))
+        for i, (text, n) in enumerate(zip(scenario["text_tokens"], scenario.get("visual_tokens", ["?"] * len(scenario["text_tokens"])))):
+            lines.append(f"{i:>8} {text:>5} {n:>5} " + " ".join(f"{seqs[key][i]:>16}" for key in keys))
         for r in scenario["rows"]:
             real = sum(r["sequence_lengths"])
             lines.append(f"  {r['contender']} {_config(r)}: {real} real tokens, LLM runs over {r['llm_tokens']} "

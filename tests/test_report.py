@@ -114,6 +114,7 @@ def test_speedups_suspect_and_noisy_flags(monkeypatch):
         def set_postfix_str(self, s): pass
 
     monkeypatch.setattr(R, "_text_tokens", lambda setup, req: 1)
+    monkeypatch.setattr(R, "_visual_tokens", lambda setup, reqs: [0] * len(reqs))
     out = R.run_scenario(None, scenario, ReportSettings(warmup=1, repeats=2), Bar())
     base, honest, suspect = out["rows"]
     assert base["speedup"] == {"ttft": 1.0, "prefill": 1.0, "flops_ratio": 1.0} and base["suspect"] == [] and base["noisy"] == []
