@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .engine import AutoSelectEngine, Request
-from .local_checkpoint import DTYPES, load_image, load_scorer, open_checkpoint, resolve_budget
+from .local_checkpoint import DTYPES, check_inputs
 
 
 @dataclass
@@ -73,12 +73,8 @@ def _print_answer(label: str, result: dict, progress: bool) -> None:
 def run_generate(settings: GenerateSettings) -> dict:
     """Check inputs, load, answer (pruned, and unpruned with ``full``); prints as it goes, returns the figures."""
     say = print if settings.progress else (lambda *a, **k: None)
-    checkpoint = open_checkpoint(settings.model)
-    adapter = checkpoint.skeleton_adapter
-    scorer = load_scorer(settings.scorer, adapter.feature_dim, settings.model)
-    image = load_image(settings.image)
-    num_tokens = checkpoint.visual_tokens(image)
-    keep = resolve_budget(num_tokens, settings.keep, settings.keep_ratio)
+    checked = check_inputs(settings.model, settings.scorer, settings.image, settings.keep, settings.keep_ratio)
+    checkpoint, scorer, image, num_tokens, keep = checked.checkpoint, checked.scorer, checked.image, checked.num_tokens, checked.keep
     prompt = checkpoint.chat_prompt(settings.prompt)
     dtype = DTYPES[settings.dtype]
     say(f"[1/3] checked: {checkpoint.model_class.__name__}, image {image.width}x{image.height} -> N = {num_tokens} visual tokens, "

@@ -181,3 +181,23 @@ def resolve_budget(num_tokens: int, keep: Optional[int], keep_ratio: Optional[fl
     if keep_ratio is not None:
         return budget_from_ratio(keep_ratio, num_tokens)
     return None
+
+
+@dataclass
+class CheckedInputs:
+    """What ``generate`` and ``show`` read from their flags, checked before any weights load."""
+
+    checkpoint: LocalCheckpoint
+    scorer: Scorer
+    image: Any  # RGB Pillow image
+    num_tokens: int  # N of the image for this model
+    keep: Optional[int]  # K, or None to keep every token
+
+
+def check_inputs(model: str, scorer: str, image: str, keep: Optional[int], keep_ratio: Optional[float]) -> CheckedInputs:
+    """``--model``, ``--scorer``, ``--image`` and the budget, each a one-line ``UsageError`` when wrong."""
+    checkpoint = open_checkpoint(model)
+    loaded_scorer = load_scorer(scorer, checkpoint.skeleton_adapter.feature_dim, model)
+    picture = load_image(image)
+    num_tokens = checkpoint.visual_tokens(picture)
+    return CheckedInputs(checkpoint, loaded_scorer, picture, num_tokens, resolve_budget(num_tokens, keep, keep_ratio))

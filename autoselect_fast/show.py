@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import AutoSelectEngine, Request
-from .local_checkpoint import DTYPES, load_image, load_scorer, open_checkpoint, resolve_budget
+from .local_checkpoint import DTYPES, check_inputs
 
 PANEL_SIZE = 384  # longest side of each image panel, pixels
 MARGIN = 12
@@ -134,12 +134,9 @@ def render(image, regions, kept: torch.Tensor, sim: torch.Tensor, k: int, title:
 def run_show(settings: ShowSettings) -> dict:
     """Check inputs, load, score the image, write the PNG; returns the figures and token placements."""
     say = print if settings.progress else (lambda *a, **k: None)
-    checkpoint = open_checkpoint(settings.model)
+    checked = check_inputs(settings.model, settings.scorer, settings.image, settings.keep, None)
+    checkpoint, scorer, image, num_tokens, keep = checked.checkpoint, checked.scorer, checked.image, checked.num_tokens, checked.keep
     adapter = checkpoint.skeleton_adapter
-    scorer = load_scorer(settings.scorer, adapter.feature_dim, settings.model)
-    image = load_image(settings.image)
-    num_tokens = checkpoint.visual_tokens(image)
-    keep = resolve_budget(num_tokens, settings.keep, None)
     try:
         adapter.token_regions((image.height, image.width), checkpoint.image_processor)
     except NotImplementedError as exc:
