@@ -515,12 +515,7 @@ class AutoSelectEngine:
         scorer.check_input_dim(self.adapter.feature_dim)
         self.device = self.adapter.device
         self.scorer = scorer.to(self.device).eval()
-        if keep is not None and keep_ratio is not None:
-            raise ValueError(f"give keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={keep_ratio!r})")
-        if keep is not None and (not _is_int(keep) or keep < 1):
-            raise ValueError(f"keep must be an int >= 1 (or None to keep every token), got {keep!r}")
-        if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
-            raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
+        reference.check_budget_args(keep, keep_ratio, required=False)
         self.keep, self.keep_ratio = keep, keep_ratio
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
@@ -548,15 +543,7 @@ class AutoSelectEngine:
     # ---------------------------------------------------------------------------------------------
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
-        if self.keep is not None:
-            if self.keep > num_tokens:
-                if self.adapter.clips_keep_to_tokens:
-                    return num_tokens
-                raise ValueError(f"keep={self.keep} exceeds the image's {num_tokens} visual tokens; allowed: 1 <= keep <= {num_tokens}")
-            return self.keep
-        if self.keep_ratio is not None:
-            return max(1, round(self.keep_ratio * num_tokens))
-        return num_tokens
+        return reference.image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
 
     # ---------------------------------------------------------------------------------------------
     # Stage 1: host-side preparation

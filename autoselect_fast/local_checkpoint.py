@@ -21,8 +21,9 @@ import torch
 
 from .models import VLMAdapter, get_adapter, supported_model_classes
 from .modules import CONFIG_NAME, Scorer
-from .preflight import UsageError, budget_from_ratio, check_budgets, meta_model, visual_tokens_of_image
+from .preflight import UsageError, check_budgets, meta_model, visual_tokens_of_image
 from .progress import heartbeat
+from .reference import image_budget
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -179,7 +180,7 @@ def resolve_budget(num_tokens: int, keep: Optional[int], keep_ratio: Optional[fl
         check_budgets([keep], num_tokens, what="this image", allow_all=True)
         return keep
     if keep_ratio is not None:
-        return budget_from_ratio(keep_ratio, num_tokens)
+        return image_budget(num_tokens, keep_ratio=keep_ratio)
     return None
 
 

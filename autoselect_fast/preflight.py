@@ -59,11 +59,6 @@ def check_budgets(keeps: Sequence[int], num_tokens: int, *, what: str, allow_all
             raise UsageError(f"--keep {k}: {what} has N = {num_tokens} visual tokens; allowed: {allowed}")
 
 
-def budget_from_ratio(keep_ratio: float, num_tokens: int) -> int:
-    """K of ``--keep-ratio`` for an image of N tokens (the engine's rule: ``max(1, round(r * N))``)."""
-    return max(1, round(keep_ratio * num_tokens))
-
-
 # --------------------------------------------------------------------------------------------------
 # Model skeletons: shapes without weights
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..models import get_adapter
 from ..modules import Denoiser, DenoiserConfig, EncoderBlock, Scorer, _Checkpointable
-from ..reference import cu_seqlens_from_lengths, flat_to_padded
+from ..reference import check_budget_args, cu_seqlens_from_lengths, flat_to_padded, image_budget
 
 GATES = ("vp", "scale")
 DENOISER_ATTENTION = ("identity", "global")
@@ -81,20 +81,6 @@ def build_denoiser(attention: str, input_dim: int, *, num_heads: int = 4, mlp_ra
 # --------------------------------------------------------------------------------------------------
 # Budget and noise seeds
 # --------------------------------------------------------------------------------------------------
-def budget_for(keep: Optional[int], keep_ratio: Optional[float], num_tokens: int, where: str = "an image", *, clip: bool = False) -> int:
-    """K of an image with ``num_tokens`` visual tokens (the engine's rule): a fixed ``keep > N`` is clipped
-    to N when ``clip`` (the adapter's ``clips_keep_to_tokens``: N follows the resolution), else ValueError."""
-    if keep is not None:
-        if keep > num_tokens and clip:
-            return num_tokens
-        if keep > num_tokens:
-            raise ValueError(f"keep={keep} exceeds the {num_tokens} visual tokens of {where}; allowed: 1 <= keep <= {num_tokens}")
-        return keep
-    if keep_ratio is None:
-        raise ValueError("give keep (K per image) or keep_ratio (a fraction of each image's N)")
-    return max(1, round(keep_ratio * num_tokens))
-
-
 def noise_seed(base_seed: int, step: int, slot: int) -> int:
     """Philox seed of one sample's VP noise (splitmix64 of seed, step, slot in the global batch).
 
@@ -160,12 +146,7 @@ class AutoSelectObjective(nn.Module):
         adapter = get_adapter(model)  # TypeError naming the class for unsupported models
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if (keep is None) == (keep_ratio is None):
-            raise ValueError(f"give exactly one of keep (K per image) and keep_ratio, got keep={keep!r}, keep_ratio={keep_ratio!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-        if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
-            raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
+        check_budget_args(keep, keep_ratio, required=True)
         scorer.check_input_dim(adapter.feature_dim)
         denoiser.check_input_dim(adapter.feature_dim)
         model.requires_grad_(False).eval()
@@ -181,7 +162,7 @@ class AutoSelectObjective(nn.Module):
         return self
 
     def budget(self, num_tokens: int, where: str = "an image") -> int:
-        return budget_for(self.keep, self.keep_ratio, num_tokens, where, clip=self.adapter.clips_keep_to_tokens)
+        return image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens, where=where)
 
     def forward(self, batch: TrainBatch, *, tau: float, step: int, seed: int, normalizer: float) -> StepOutput:
         adapter = self.adapter
