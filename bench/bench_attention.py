@@ -35,25 +35,13 @@ def _inputs(device, hq, hkv, d, lengths):
     return q, k, v, cu
 
 
-def _run(benchmark, device, fn, group):
-    def step():
-        with torch.inference_mode():
-            out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = group
-    return benchmark(step)
-
-
 def _group(device, hq, hkv, d, lengths):
     return f"attention Hq={hq} Hkv={hkv} d={d} lengths={lengths}, {device}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d,lengths", SHAPES)
-def test_transformers_sdpa(benchmark, device, hq, hkv, d, lengths):
+def test_transformers_sdpa(timed, device, hq, hkv, d, lengths):
     """transformers' own attention, one call per request (it cannot pack), as the unmodified model runs it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -66,18 +54,18 @@ def test_transformers_sdpa(benchmark, device, hq, hkv, d, lengths):
         return [sdpa_attention_forward(module, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scaling=d ** -0.5)[0]
                 for s, e in zip(bounds[:-1], bounds[1:])]
 
-    outs = _run(benchmark, device, per_request, _group(device, hq, hkv, d, lengths))
+    outs = timed(device, per_request, _group(device, hq, hkv, d, lengths))
     assert sum(o.shape[1] for o in outs) == sum(lengths)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d,lengths", SHAPES)
 @pytest.mark.parametrize("backend", ["sdpa", "auto"])
-def test_varlen_attention(benchmark, device, hq, hkv, d, lengths, backend):
+def test_varlen_attention(timed, device, hq, hkv, d, lengths, backend):
     q, k, v, cu = _inputs(device, hq, hkv, d, lengths)
     if backend == "auto" and resolve_backend("auto", q.device, q.dtype) == "sdpa":
         pytest.skip("auto is the sdpa backend here")
     views = [x[0].transpose(0, 1) for x in (q, k, v)]  # (T, H, d), as the registered backend receives them
-    out = _run(benchmark, device, lambda: varlen_attention(*views, cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
+    out = timed(device, lambda: varlen_attention(*views, cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
                                                             scale=d ** -0.5, backend=backend), _group(device, hq, hkv, d, lengths))
     assert out.shape == views[0].shape

@@ -20,6 +20,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N, D, K = 576, 1024, 64
 
 
+def _group(device):
+    return f"pruning module, N={N}, d={D}, K={K}, {device}"
+
+
 def _inputs(device):
     torch.manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -28,43 +32,31 @@ def _inputs(device):
     return scorer, features
 
 
-def _run(benchmark, device, fn):
-    def step():
-        with torch.inference_mode():
-            out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = f"pruning module, N={N}, d={D}, K={K}, {device}"
-    return benchmark(step)
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_scorer_alone(benchmark, device):
+def test_scorer_alone(timed, device):
     scorer, features = _inputs(device)
-    scores = _run(benchmark, device, lambda: scorer(features))
+    scores = timed(device, lambda: scorer(features), _group(device))
     assert scores.shape == (N,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_selection_reference(benchmark, device):
+def test_selection_reference(timed, device):
     scorer, features = _inputs(device)
     scores = scorer(features).detach()
-    sel = _run(benchmark, device, lambda: R.select_tokens(scores, features, K))
+    sel = timed(device, lambda: R.select_tokens(scores, features, K), _group(device))
     assert sel.features.shape == (K, D)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton selection kernel is only timed compiled, on CUDA")
-def test_selection_triton(benchmark):
+def test_selection_triton(timed):
     scorer, features = _inputs("cuda")
     scores = scorer(features).detach()
-    sel = _run(benchmark, "cuda", lambda: ops.select(scores, features, K, backend="triton"))
+    sel = timed("cuda", lambda: ops.select(scores, features, K, backend="triton"), _group("cuda"))
     assert torch.equal(sel.indices, R.select_tokens(scores, features, K).indices)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pruning_module(benchmark, device):
+def test_pruning_module(timed, device):
     scorer, features = _inputs(device)
-    sel = _run(benchmark, device, lambda: ops.select(scorer(features), features, K))
+    sel = timed(device, lambda: ops.select(scorer(features), features, K), _group(device))
     assert sel.indices.shape == (K,)
