@@ -43,8 +43,8 @@ def _dtype_arg(name: str) -> torch.dtype:
 
 def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     from .modules import Scorer, ScorerConfig
-    from .reference import select_tokens
-    from .timing import environment, measure
+    from .ops import resolve_backend, select
+    from .timing import environment, gpu_timeline_ms, measure
 
     if args.keep > args.tokens:
         raise preflight.UsageError(f"--keep {args.keep}: the image has N = --tokens {args.tokens} visual tokens; allowed: 1 <= K <= {args.tokens}")
@@ -55,10 +55,12 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     features = torch.randn(args.batch * args.tokens, args.dim, device=device, dtype=args.dtype)
     cu_seqlens = torch.arange(0, args.batch + 1, device=device, dtype=torch.int64) * args.tokens
 
+    backend = resolve_backend("auto", device)  # the engine's choice: Triton kernels on CUDA, reference on CPU
+
     @torch.inference_mode()
     def pruning_module():
         scores = scorer(features, cu_seqlens)
-        return select_tokens(scores, features, args.keep, cu_seqlens)
+        return select(scores, features, args.keep, cu_seqlens, max_seqlen=args.tokens, backend=backend)
 
     @torch.inference_mode()
     def scorer_only():
@@ -69,8 +71,15 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
           f"(the `bench` presets use smaller Scorers scaled with their models, so their pruning times are smaller)")
     total = measure(pruning_module, device=device, warmup=args.warmup, repeats=args.repeats)
     scoring = measure(scorer_only, device=device, warmup=args.warmup, repeats=args.repeats)
-    print(f"  Scorer + selection : {total}")
+    print(f"  Scorer + selection : {total}   (selection backend: {backend})")
     print(f"  Scorer alone       : {scoring}")
+    timeline = {}
+    if device.type == "cuda":  # the GPU's own time per call, as inside a served model's CUDA graph
+        for name, fn in (("pruning_module", pruning_module), ("scorer_only", scorer_only)):
+            ms, how = gpu_timeline_ms(fn)
+            timeline[name] = {"ms": ms, "method": how}
+        print(f"  GPU timeline       : Scorer + selection {timeline['pruning_module']['ms']:.3f} ms, "
+              f"Scorer alone {timeline['scorer_only']['ms']:.3f} ms ({timeline['pruning_module']['method']})")
     result = {
         "benchmark": "pruning_module",
         "environment": environment(device),
@@ -78,6 +87,8 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         "dtype": str(args.dtype),
         "pruning_module": total.as_dict(),
         "scorer_only": scoring.as_dict(),
+        "selection_backend": backend,
+        **({"gpu_timeline": timeline} if timeline else {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

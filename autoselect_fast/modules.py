@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ._validation import check_cu_seqlens, check_tensor
+from ._validation import check_cu_seqlens, check_tensor, resolve_validate
 from .reference import flat_to_padded, lengths_from_cu_seqlens
 
 CONFIG_NAME = "config.json"
@@ -155,7 +155,10 @@ class Scorer(_Checkpointable):
         self.check_input_dim(features.shape[-1])
         if features.dim() == 3:
             return self._score_padded(features, None)
-        cu = check_cu_seqlens(cu_seqlens, features.shape[0], device=features.device)
+        # The offsets' values are checked on the host only where that costs no synchronisation (CPU, tests),
+        # as in ``ops`` (``AUTOSELECT_FAST_VALIDATE``): on CUDA a read would stall every Scorer call.
+        validate = resolve_validate(None, features.device)
+        cu = check_cu_seqlens(cu_seqlens, features.shape[0], device=features.device, validate=validate)
         if cu.numel() == 2:  # one image: no padding needed
             return self._score_padded(features[None], None)[0]
         lengths = lengths_from_cu_seqlens(cu)

@@ -37,6 +37,7 @@ a scenario is a list of ``(contender name, keep)`` pairs over a list of requests
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -226,9 +227,33 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return 2 * b * h * lq * key_shape[-2] * (d + value_shape[-1])
 
 
+def _varlen_flops(query, key, value, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
+    """``torch.nn.attention.varlen`` (the engine's CUDA attention): the same convention per segment."""
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()  # a host read: counting runs untimed
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    heads, d, dv = query.shape[1], query.shape[2], value.shape[2]
+    return sum(2 * heads * lq * lk * (d + dv) for lq, lk in zip(lengths_q, lengths_k))
+
+
+_varlen_flops._get_raw = True  # FlopCounterMode passes the tensors themselves (their offsets are needed)
+
+
 def _flop_counter() -> FlopCounterMode:
-    # torch counts its CUDA SDPA kernels but not the CPU flash kernel: give it the same formula.
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+    # torch does not count its CPU flash kernel nor the varlen custom op, and its own CUDA SDPA formulas
+    # reject grouped-query shapes (torch 2.11: "query/key/value shapes are incompatible" for Qwen's
+    # 28 query / 4 key heads): one formula, per query head, for all of them.
+    aten = torch.ops.aten
+    ops = [aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+           aten._scaled_dot_product_efficient_attention, getattr(aten, "_scaled_dot_product_cudnn_attention", None)]
+    mapping = {op: _sdpa_flops for op in ops if op is not None}
+    try:
+        importlib.import_module("torch.nn.attention.varlen")  # registers torch.ops.torch_attn._varlen_attn
+    except ImportError:  # torch < 2.9
+        pass
+    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+    if varlen is not None:
+        mapping[varlen] = _varlen_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -6,6 +6,8 @@ median with min and max. ``Stopwatch`` times named stages of one run (synchronis
 stage); ``summarize`` turns samples into median/min/max and ``is_noisy`` says when their spread is too
 wide to trust (``NOISE_MAX_OVER_MIN``). ``environment`` describes the machine and library versions
 for the JSON results, so a number can always be traced to where it was measured.
+``gpu_timeline_ms`` times a CUDA step as a captured CUDA graph replayed back to back: the GPU's own time
+per call without Python launch overhead (what a kernel costs inside a served model's graph).
 """
 from __future__ import annotations
 
@@ -56,6 +58,49 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def gpu_timeline_ms(fn: Callable[[], object], *, replays: int = 200, warmup: int = 3, graph: bool = True) -> tuple[float, str]:
+    """GPU time per call of ``fn`` (CUDA), in ms, and how it was taken.
+
+    ``fn`` is captured once into a CUDA graph (after ``warmup`` calls on a side stream, as capture
+    requires) and the graph is replayed ``replays`` times between two CUDA events: launch overhead
+    is gone, what remains is the kernels' time on the GPU. A step that cannot be captured (it reads a
+    device value on the host, say) is timed instead as ``replays`` eager calls back to back between
+    two events, and the method string says so, with the capture error. ``graph=False`` skips the
+    capture (a step drawing from torch's CUDA generator, say, which a failed capture can leave broken).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    method = "eager back-to-back (no capture asked)"
+    if graph:
+        try:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                fn()
+            captured.replay()
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(replays):
+                captured.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / replays, "cuda-graph replay"
+        except Exception as exc:  # capture failed: fall back to eager calls, and say so
+            method = f"eager back-to-back (graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays, method
 
 
 # A measurement whose slowest repeat is more than this many times its fastest is reported as noisy:

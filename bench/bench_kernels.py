@@ -12,7 +12,9 @@ Cases (shapes in ``CASES``):
                   baseline: a clone of the same tensor (memory bandwidth)
 On CPU the Triton kernels only run in Triton's interpreter, which is meaningless to time, so only the
 reference path and the baselines run there (the Triton variants are skipped with that reason). On CUDA
-everything runs, and the script also records the peak memory of the VP-gate training step.
+everything runs, and the script also records the peak memory of the VP-gate training step and each
+step's GPU timeline time (``timing.gpu_timeline_ms``: a captured CUDA graph replayed back to back, so
+no Python launch overhead; the eager median includes it).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
-from autoselect_fast.timing import environment
+from autoselect_fast.timing import environment, gpu_timeline_ms
 
 CASES = {
     "select": dict(batch=1, n=576, k=64, d=1024, dtype=torch.float16),
@@ -186,6 +188,10 @@ def main(argv=None):
                 "ratio_vs_reference": {impl: t / times["reference"] for impl, t in times.items()},
                 "skipped": skipped,
             }
+            if device == "cuda":  # the GPU's own time per call, without Python launch overhead
+                timeline = {impl: gpu_timeline_ms(make(device, impl), graph=impl != "reference") for impl in impls}
+                entry["gpu_timeline_ms"] = {impl: ms for impl, (ms, _) in timeline.items()}
+                entry["gpu_timeline_method"] = {impl: how for impl, (_, how) in timeline.items()}
             if device == "cuda" and case == "vp_gate":
                 entry["peak_memory_bytes"] = {impl: peak_memory_bytes(make(device, impl)) for impl in ("reference", "triton")}
             results.append(entry)
@@ -197,6 +203,8 @@ def main(argv=None):
                     )
                 else:
                     print(f"{case:10s} {device:6s} {impl:10s} {'skipped':>10s}  ({skipped[impl]})")
+            for impl, ms in entry.get("gpu_timeline_ms", {}).items():
+                print(f"{case:10s} {device:6s} {impl:10s} GPU timeline {ms * 1e3:9.1f} us  ({entry['gpu_timeline_method'][impl]})")
             if "peak_memory_bytes" in entry:
                 mem = entry["peak_memory_bytes"]
                 print(f"{case:10s} {device:6s} peak memory: reference {mem['reference'] / 2**20:.1f} MiB, triton {mem['triton'] / 2**20:.1f} MiB")

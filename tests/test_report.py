@@ -199,3 +199,21 @@ def test_llava_next_cpu_preset_shape():
     from autoselect_fast.models import get_adapter
 
     assert get_adapter(model).layout(preset.image_size).num_tokens == 2880
+
+
+def test_flop_counter_counts_grouped_query_and_varlen_attention_per_query_head():
+    """torch 2.11's own CUDA SDPA formulas reject grouped-query shapes (the Qwen2.5-VL-7B report crashed
+    on an H200), and torch counts neither its CPU flash kernel nor the varlen custom op: the report maps
+    all of them to one per-query-head formula."""
+    from autoselect_fast.report import _flop_counter, _sdpa_flops, _varlen_flops
+
+    registry = _flop_counter().flop_registry
+    aten = torch.ops.aten
+    for op in (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+               aten._scaled_dot_product_flash_attention):
+        assert op in registry, op
+    # Q: 28 heads, K/V: 4 heads (GQA); per query head 2 * Lq * Lk * (d + dv).
+    assert _sdpa_flops((1, 28, 10, 64), (1, 4, 12, 64), (1, 4, 12, 64)) == 2 * 28 * 10 * 12 * 128
+    q, k = torch.zeros(7 + 3, 28, 64), torch.zeros(7 + 3, 4, 64)
+    cu = torch.tensor([0, 7, 10])
+    assert _varlen_flops(q, k, k, cu, cu, 7, 7) == 2 * 28 * (7 * 7 + 3 * 3) * 128
