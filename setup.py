@@ -31,7 +31,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training"]
+PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training", "autoselect_fast.vllm_plugin"]
 CSRC = "csrc"
 
 
@@ -110,5 +110,9 @@ setup(
     # torch is deliberately unpinned here: CPU machines pin it through requirements.txt, GPU users
     # keep their CUDA build (DESIGN.md section 8).
     install_requires=["torch>=2.9", "triton>=3.4", "transformers>=5.17,<6", "safetensors", "numpy", "tqdm", "pillow"],
-    entry_points={"console_scripts": ["autoselect-fast=autoselect_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["autoselect-fast=autoselect_fast.cli:main"],
+        # vLLM loads this in every process; it only registers the opt-in AutoSelectQwen2_5_VL architecture.
+        "vllm.general_plugins": ["autoselect_fast = autoselect_fast.vllm_plugin:register"],
+    },
 )

@@ -81,19 +81,27 @@ def save_llava_next(directory: str, *, tile: int = 56, patch_size: int = 14) -> 
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|> {{ message['role'] }} "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% for item in message['content'] %}{% if item['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% else %} {{ item['text'] }}{% endif %}{% endfor %}{% endif %} <|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
 )
 QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def save_qwen2_5_vl(directory: str, *, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 32) -> str:
+def save_qwen2_5_vl(directory: str, *, min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 32, for_vllm: bool = False,
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None) -> str:
     """Qwen2.5-VL with a 2-block vision tower (14 px patches, 2x2 merge, 56 px windows) and a text model of
     head dim 16 (``mrope_section`` [2, 3, 3]); images keep their resolution between the pixel limits.
 
     The image processor and the tokenizer (with the chat template) are saved one by one:
     ``Qwen2_5_VLProcessor.save_pretrained`` needs its video processor, which needs torchvision.
+
+    ``for_vllm``: the shapes vLLM's CPU backend takes (text head dim 32, ``mrope_section`` [4, 6, 6];
+    a 4-block tower of width 64 with windows of 112 px, so images of more than 4x4 groups span several
+    windows), weights drawn with a larger spread (greedy tokens of a random model then vary instead of
+    repeating one token), and the whole ``Qwen2_5_VLProcessor`` with its video processor, which vLLM loads
+    (needs torchvision). ``text_overrides`` / ``vision_overrides`` change the shapes (benchmarks use a
+    larger model).
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -101,17 +109,32 @@ def save_qwen2_5_vl(directory: str, *, min_pixels: int = 28 * 28, max_pixels: in
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *QWEN_SPECIAL]})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, spatial_merge_size=2,
-                  patch_size=14, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    if for_vllm:
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, spatial_merge_size=2,
+                      patch_size=14, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3])
+        text = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                    initializer_range=0.1)
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, spatial_merge_size=2,
+                      patch_size=14, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    text.update(vocab_size=len(tokenizer), num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=1024,
                 bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    text.update(text_overrides or {})
+    vision.update(vision_overrides or {})
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                               bos_token_id=1, eos_token_id=2, pad_token_id=3)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(directory)
-    Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(directory)
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    if for_vllm:
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+        Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(directory)
+        return directory
+    image_processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

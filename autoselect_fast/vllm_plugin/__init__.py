@@ -1,0 +1,48 @@
+"""vLLM plugin: Qwen2.5-VL serving that prefills K_i of the N_i visual tokens of each image, picked by
+a trained AutoSelect Scorer before the merger.
+
+Installing ``autoselect_fast`` registers this plugin with vLLM (entry point group
+``vllm.general_plugins``, see ``setup.py``). :func:`register` runs in every vLLM process and adds one
+model architecture, ``AutoSelectQwen2_5_VL``. Nothing changes for a deployment that does not ask for it:
+vLLM's own Qwen2.5-VL stays the default, and a model opts in through ``hf_overrides``::
+
+    from vllm import LLM
+    llm = LLM(model="Qwen/Qwen2.5-VL-7B-Instruct", hf_overrides={
+        "architectures": ["AutoSelectQwen2_5_VL"],
+        "autoselect_scorer": "/path/to/scorer",      # Scorer.save_pretrained directory
+        "autoselect_keep_ratio": 0.222,               # or "autoselect_keep": 64 (K per image, clipped to N_i)
+    })
+
+The model code is in :mod:`autoselect_fast.vllm_plugin.qwen2_5_vl`; it imports vLLM, this module
+does not (importing ``autoselect_fast`` never needs vLLM). Supported vLLM versions:
+:data:`SUPPORTED_VLLM` (the plugin builds on private vLLM classes that change between releases).
+"""
+from __future__ import annotations
+
+ARCHITECTURE = "AutoSelectQwen2_5_VL"
+SUPPORTED_VLLM = (">=0.32", "<0.33")
+_MODEL_CLASS = "autoselect_fast.vllm_plugin.qwen2_5_vl:AutoSelectQwen2_5_VLForConditionalGeneration"
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise ImportError naming the supported range when ``version`` lies outside it."""
+    parts = version.split("+")[0].split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise ImportError(f"autoselect_fast vLLM plugin: cannot read the vLLM version {version!r}") from None
+    if (major, minor) != (0, 32):
+        raise ImportError(
+            f"autoselect_fast vLLM plugin supports vLLM {','.join(SUPPORTED_VLLM)} (it subclasses vLLM's private "
+            f"Qwen2.5-VL classes), but vLLM {version} is installed"
+        )
+
+
+def register() -> None:
+    """vLLM's plugin hook: register ``AutoSelectQwen2_5_VL`` (lazily: vLLM imports the class when a model asks for it)."""
+    import vllm
+    from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)

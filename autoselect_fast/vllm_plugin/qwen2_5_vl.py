@@ -1,0 +1,369 @@
+"""``AutoSelectQwen2_5_VL``: vLLM's Qwen2.5-VL with AutoSelect pruning of every image's visual tokens.
+
+How a request goes through vLLM (0.32) with this class:
+
+1. **Processor** (frontend process): vLLM's Qwen2.5-VL processor, except that each image's prompt
+   placeholder expands to K_i tokens instead of N_i (:meth:`AutoSelectQwen2_5_VLProcessor._get_prompt_updates`).
+   K_i = ``reference.image_budget(N_i, keep, keep_ratio, clip=True)``, the engine's rule; N_i follows
+   from the image grid alone, so it is known before any encoder runs. The scheduler, the KV cache and
+   the encoder cache therefore only ever see K_i tokens per image.
+2. **Positions** (worker, when the request is added): vLLM asks the model for the request's M-RoPE
+   positions (:meth:`get_mrope_input_positions`) before the encoder has run, with the image pixels at
+   hand. The selection is decided here: vision tower up to the merger, Scorer, hard top-K
+   (``ops.select``), the kept groups through the merger. The positions are vLLM's own positions of the
+   *unpruned* sequence, taken at the kept columns (``original``, as ``AutoSelectEngine`` does), or
+   0..L-1 on all three rows (``compact``).
+   An image vLLM has seen before may come without its pixels (its encoder output is still cached):
+   its selection is then looked up by vLLM's item identifier.
+3. **Embeddings** (worker, encoder step): :meth:`embed_multimodal` returns the K_i embeddings decided in
+   step 2. They are found again by a fingerprint of the image's pixels (vLLM passes no request or item
+   id to the encoder call); if they were evicted or never computed (a request re-encoded after
+   preemption), the tower runs again and the *remembered* kept indices are gathered, so positions and
+   embeddings always describe the same tokens.
+
+An image whose budget keeps every token (K_i = N_i) skips steps 2 and 3: vLLM's own positions and its
+batched tower with the merger.
+
+Why positions are decided in step 2 and not through vLLM's ``SupportsMultiModalPruning`` protocol
+(``recompute_mrope_positions``, after the encoder): vLLM 0.32 calls that hook only when video pruning
+is switched on (``video_pruning_rate > 0``), and its CPU model runner never calls it. Step 2 needs no
+change to vLLM and gives the exact ``original`` positions on every backend. Its cost: the vision tower
+runs when the request is added rather than in the encoder batch, one request at a time.
+
+What is reused from ``autoselect_fast``: the Scorer (``modules.Scorer``), the selection kernel
+(``ops.select``), the budget rule (``reference.image_budget``) and the raster order of the pre-merger
+groups (vLLM's tower puts its merger output back in raster order with its ``reverse_indices``; the
+merger is swapped for a plain ``view`` of each group, so the tower returns the pre-merger groups in
+raster order, the Scorer's input in the engine too). What is vLLM's: the tower, the merger, the
+positions of the unpruned sequence, the processor.
+
+Not supported (refused at load or at the request with a message): videos (their placeholders are not
+pruned), image embeddings given instead of pixels, vLLM's video pruning (EVS), the encoder CUDA graph
+(``cudagraph_mm_encoder``) and data-parallel vision encoding (``mm_encoder_tp_mode="data"``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from .. import ops
+from ..modules import Scorer
+from ..reference import POSITION_MODES, check_budget_args, cu_seqlens_from_lengths, image_budget
+from . import ARCHITECTURE
+
+PREFIX = "autoselect_"  # hf_overrides keys of this plugin
+_KEPT_CACHE_SIZE = 65536  # remembered selections (a few hundred bytes each)
+_EMBED_CACHE_SIZE = 256  # embeddings computed at request add and not yet taken by the encoder step
+
+
+def _fail(message: str) -> ValueError:
+    return ValueError(f"{ARCHITECTURE}: {message}")
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """The plugin's configuration, from the model's HF config (``hf_overrides`` keys ``autoselect_*``).
+
+    * ``autoselect_scorer``: directory of a ``Scorer.save_pretrained`` checkpoint (required);
+    * ``autoselect_keep`` (K per image, clipped to N_i) or ``autoselect_keep_ratio`` (0 < r <= 1):
+      exactly one;
+    * ``autoselect_position_mode``: ``"original"`` (default) or ``"compact"``.
+    """
+
+    scorer: str
+    keep: Optional[int]
+    keep_ratio: Optional[float]
+    position_mode: str
+
+    @classmethod
+    def from_config(cls, hf_config) -> "PluginSettings":
+        known = {"scorer", "keep", "keep_ratio", "position_mode"}
+        unknown = sorted(k for k in vars(hf_config) if k.startswith(PREFIX) and k[len(PREFIX):] not in known)
+        if unknown:
+            raise _fail(f"unknown setting(s) {unknown}; known: {sorted(PREFIX + k for k in known)}")
+        scorer = getattr(hf_config, PREFIX + "scorer", None)
+        if not scorer:
+            raise _fail(f"hf_overrides must give '{PREFIX}scorer': the directory of a Scorer checkpoint (Scorer.save_pretrained)")
+        if not os.path.isdir(scorer):
+            raise _fail(f"{PREFIX}scorer={scorer!r} is not a directory (a Scorer.save_pretrained checkpoint)")
+        keep, keep_ratio = getattr(hf_config, PREFIX + "keep", None), getattr(hf_config, PREFIX + "keep_ratio", None)
+        if isinstance(keep_ratio, int) and not isinstance(keep_ratio, bool):
+            keep_ratio = float(keep_ratio)
+        try:
+            check_budget_args(keep, keep_ratio, required=True)
+        except ValueError as exc:
+            raise _fail(f"{exc} (hf_overrides '{PREFIX}keep' / '{PREFIX}keep_ratio')") from None
+        mode = getattr(hf_config, PREFIX + "position_mode", "original")
+        if mode not in POSITION_MODES:
+            raise _fail(f"{PREFIX}position_mode must be one of {POSITION_MODES}, got {mode!r}")
+        return cls(scorer=str(scorer), keep=keep, keep_ratio=keep_ratio, position_mode=mode)
+
+    def budget(self, num_tokens: int) -> int:
+        """K_i of an image of N_i = ``num_tokens`` merged tokens (the engine's rule, clipped to N_i)."""
+        return image_budget(num_tokens, self.keep, self.keep_ratio, clip=True)
+
+
+class AutoSelectQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor with K_i instead of N_i placeholders per image."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        settings = PluginSettings.from_config(self.info.get_hf_config())
+        updates = []
+        for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            if update.modality == "image":
+                update = PromptReplacement(modality="image", target=update.target, replacement=_pruned_replacement(update.replacement, settings))
+            updates.append(update)
+        return updates
+
+
+def _pruned_replacement(full_replacement, settings: PluginSettings):
+    def replacement(item_idx: int):
+        tokens = full_replacement(item_idx)  # vLLM's N_i placeholder tokens of this image
+        return tokens[: settings.budget(len(tokens))]
+
+    return replacement
+
+
+class _GroupView(nn.Module):
+    """Stands in for the merger while the tower runs: each spatial-merge group's patches, concatenated."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden.reshape(-1, self.width)
+
+
+def pixels_fingerprint(pixel_values: Tensor, grid: Sequence[int], dtype: torch.dtype) -> str:
+    """Identifies an image's pixels across the positions and encoder steps (after the cast to the
+    tower's dtype, the cast both steps' tensors go through)."""
+    data = pixel_values.detach().to(dtype).contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    digest.update(repr((tuple(int(v) for v in grid), str(dtype))).encode())
+    return digest.hexdigest()
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    AutoSelectQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Registered as ``AutoSelectQwen2_5_VL`` by :func:`autoselect_fast.vllm_plugin.register`."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        # Every configuration error is raised here, before vLLM builds or loads the model.
+        config = vllm_config.model_config.hf_config
+        settings = PluginSettings.from_config(config)
+        mm_config = vllm_config.model_config.get_multimodal_config()
+        if mm_config.is_multimodal_pruning_enabled():
+            raise _fail("vLLM's video pruning (video_pruning_rate > 0) cannot be combined with this plugin; leave it at 0")
+        if mm_config.mm_encoder_tp_mode == "data":
+            raise _fail("mm_encoder_tp_mode='data' (data-parallel vision encoding) is not supported; use the default 'weights'")
+        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+            raise _fail("cudagraph_mm_encoder=True runs the vision encoder outside embed_multimodal; switch it off")
+        vision = config.vision_config
+        unit = vision.spatial_merge_size**2
+        scorer = Scorer.from_pretrained(settings.scorer)
+        try:
+            scorer.check_input_dim(unit * vision.hidden_size)
+        except ValueError as exc:
+            raise _fail(f"the Scorer at {settings.scorer} does not fit this model: {exc} (merge² x vision hidden = "
+                        f"{unit} x {vision.hidden_size})") from None
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Not a submodule: vLLM's weight loader must neither expect nor load the Scorer's weights from
+        # the model checkpoint. Moved to the tower's device and dtype at the first image.
+        self.__dict__["autoselect_scorer"] = scorer.eval().requires_grad_(False)
+        self.autoselect = settings
+        self._group_width = unit * vision.hidden_size
+        self._kept: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> kept raster indices (CPU)
+        self._kept_by_identifier: OrderedDict[str, Tensor] = OrderedDict()  # vLLM's item identifier -> the same
+        # What happened to the images so far (read it with LLM.apply_model(lambda m: m.autoselect_counts)).
+        self.autoselect_counts = {"selected": 0, "without_pixels": 0, "reencoded": 0}
+        self._embeds: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> (K_i, H) embeddings
+
+    # -- the selection ---------------------------------------------------------------------------
+    def _tower_dtype(self) -> torch.dtype:
+        return self.visual.dtype
+
+    def _num_groups(self, grid: Sequence[int]) -> int:
+        t, h, w = grid
+        return t * h * w // self.visual.spatial_merge_size**2
+
+    def _keeps_all(self, grid: Sequence[int]) -> bool:
+        n = self._num_groups(grid)
+        return self.autoselect.budget(n) == n
+
+    def _pre_merger_groups(self, pixel_values: Tensor, grids: list[list[int]]) -> list[Tensor]:
+        """The tower up to its merger, per image ``(N_i, merge²·C)`` in raster order of the groups."""
+        merger = self.visual.merger
+        self.visual.merger = _GroupView(self._group_width)
+        try:
+            groups = self.visual(pixel_values, grid_thw=grids)
+        finally:
+            self.visual.merger = merger
+        unit = self.visual.spatial_merge_size**2
+        return list(groups.split([t * h * w // unit for t, h, w in grids]))
+
+    def _merge(self, groups: Tensor) -> Tensor:
+        """vLLM's merger on ``(K, merge²·C)`` kept groups (it works group by group)."""
+        return self.visual.merger(groups.reshape(-1, 1, self._group_width // self.visual.spatial_merge_size**2))
+
+    def _select(self, groups: list[Tensor]) -> list[Tensor]:
+        """Kept raster indices per image: Scorer + hard top-K in one ``ops.select`` call."""
+        budgets = [self.autoselect.budget(g.shape[0]) for g in groups]
+        if all(k == g.shape[0] for k, g in zip(budgets, groups)):
+            return [torch.arange(g.shape[0]) for g in groups]
+        scorer = self.__dict__["autoselect_scorer"]
+        device = groups[0].device
+        if next(scorer.parameters()).device != device:
+            scorer.to(device)
+        dtype = next(scorer.parameters()).dtype
+        lengths = [g.shape[0] for g in groups]
+        flat = torch.cat(groups).to(dtype)
+        cu = cu_seqlens_from_lengths(lengths).to(device)
+        scores = scorer(flat, cu).float()
+        selection = ops.select(scores, None, budgets, cu, max_seqlen=max(lengths), validate=False)
+        starts = cu.cpu()[:-1]
+        per_image = selection.indices.cpu().split(budgets)
+        return [idx - start for idx, start in zip(per_image, starts.tolist())]
+
+    def _remember_identifier(self, identifier: str, kept: Tensor) -> None:
+        self._kept_by_identifier[identifier] = kept
+        self._kept_by_identifier.move_to_end(identifier)
+        while len(self._kept_by_identifier) > _KEPT_CACHE_SIZE:
+            self._kept_by_identifier.popitem(last=False)
+
+    def _remember(self, key: str, kept: Optional[Tensor] = None, embeds: Optional[Tensor] = None) -> None:
+        for cache, value, limit in ((self._kept, kept, _KEPT_CACHE_SIZE), (self._embeds, embeds, _EMBED_CACHE_SIZE)):
+            if value is not None:
+                cache[key] = value
+                cache.move_to_end(key)
+                while len(cache) > limit:
+                    cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str]) -> None:
+        """Select and embed the images not seen before (one tower pass for all of them)."""
+        new = [i for i, key in enumerate(keys) if key not in self._kept]
+        if not new:
+            return
+        device, dtype = self.visual.device, self._tower_dtype()
+        batch = torch.cat([pixels[i] for i in new]).to(device=device, dtype=dtype)
+        groups = self._pre_merger_groups(batch, [grids[i] for i in new])
+        self.autoselect_counts["selected"] += len(new)
+        for i, g, kept in zip(new, groups, self._select(groups)):
+            self._remember(keys[i], kept=kept, embeds=self._merge(g[kept.to(g.device)]))
+
+    # -- positions (request add) -----------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        for f in features:
+            if f.modality != "image":
+                raise _fail(f"{f.modality} inputs are not supported (only images are pruned)")
+        if not features:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        dtype = self._tower_dtype()
+        grids = [f.data["image_grid_thw"].data.tolist() for f in features]
+        # Images that keep every token need no selection: vLLM's own path, batched in the encoder step.
+        pruned = [i for i, g in enumerate(grids) if not self._keeps_all(g)]
+        # vLLM leaves the pixels out of an image whose encoder output it still holds (the same image in
+        # an earlier request): its selection is then found by vLLM's item identifier.
+        with_pixels = [i for i in pruned if "pixel_values" in features[i].data]
+        pixels = [features[i].data["pixel_values"].data for i in with_pixels]
+        keys = [pixels_fingerprint(p, grids[i], dtype) for p, i in zip(pixels, with_pixels)]
+        self._prepare_images(pixels, [grids[i] for i in with_pixels], keys)
+        for i, key in zip(with_pixels, keys):
+            self._remember_identifier(features[i].identifier, self._kept[key])
+        self.autoselect_counts["without_pixels"] += len(pruned) - len(with_pixels)
+        kept = [torch.arange(self._num_groups(g)) for g in grids]
+        for i in pruned:
+            identifier = features[i].identifier
+            if identifier not in self._kept_by_identifier:
+                raise _fail(f"vLLM gave image {identifier!r} without its pixels, and its selection is no longer remembered")
+            kept[i] = self._kept_by_identifier[identifier]
+        if self.autoselect.position_mode == "compact":
+            length = len(input_tokens)
+            return torch.arange(length).view(1, -1).expand(3, -1).clone(), 0
+        return self._original_positions(input_tokens, features, kept)
+
+    def _original_positions(self, input_tokens: list[int], features: list, kept: list[Tensor]) -> tuple[Tensor, int]:
+        """vLLM's own positions of the unpruned sequence, at the columns the pruned sequence keeps."""
+        import dataclasses
+
+        unit = self.config.vision_config.spatial_merge_size**2
+        full_tokens: list[int] = []
+        full_features, columns = [], []
+        cursor, shift = 0, 0  # cursor: next pruned column to copy; shift: full column - pruned column
+        for f, kept_i in zip(features, kept):
+            offset, k = f.mm_position.offset, f.mm_position.length
+            t, h, w = f.data["image_grid_thw"].data.tolist()
+            n = t * h * w // unit
+            if k != kept_i.numel():
+                raise _fail(f"an image has {k} placeholders but its selection keeps {kept_i.numel()} tokens")
+            columns.extend(range(cursor + shift, offset + shift))  # text before the image
+            full_tokens.extend(input_tokens[cursor:offset])
+            full_features.append(dataclasses.replace(f, mm_position=dataclasses.replace(f.mm_position, offset=offset + shift, length=n)))
+            columns.extend((offset + shift + kept_i).tolist())
+            full_tokens.extend([input_tokens[offset]] * n)
+            cursor, shift = offset + k, shift + n - k
+        columns.extend(range(cursor + shift, len(input_tokens) + shift))
+        full_tokens.extend(input_tokens[cursor:])
+        full, _ = super().get_mrope_input_positions(full_tokens, full_features)
+        positions = full[:, torch.tensor(columns, dtype=torch.int64)]
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
+    # -- embeddings (encoder step) ---------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if "video" in inputs:
+            raise _fail("video inputs are not supported (only images are pruned)")
+        image_input = inputs.get("image")
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            raise _fail("images must come as pixels (the Scorer reads the vision tower's features), not as precomputed embeddings")
+        return self._image_embeddings(image_input["pixel_values"], image_input["image_grid_thw"].tolist())
+
+    @torch.inference_mode()
+    def _image_embeddings(self, pixel_values: Tensor, grids: list[list[int]]) -> tuple[Tensor, ...]:
+        dtype = self._tower_dtype()
+        pixels = list(pixel_values.split([t * h * w for t, h, w in grids]))
+        out: list[Optional[Tensor]] = [None] * len(grids)
+        whole = [i for i, g in enumerate(grids) if self._keeps_all(g)]
+        if whole:  # every token kept: the tower with its merger, as vLLM's own Qwen2.5-VL does
+            batch = torch.cat([pixels[i] for i in whole]).to(device=self.visual.device, dtype=dtype)
+            merged = self.visual(batch, grid_thw=[grids[i] for i in whole])
+            for i, e in zip(whole, merged.split([self._num_groups(grids[i]) for i in whole])):
+                out[i] = e
+        keys = {i: pixels_fingerprint(pixels[i], grids[i], dtype) for i in range(len(grids)) if i not in whole}
+        for i, key in keys.items():
+            out[i] = self._embeds.pop(key, None)
+        missing = [i for i, e in enumerate(out) if e is None]
+        if missing:  # images whose positions were not computed here first (or evicted): select them now
+            self._prepare_images([pixels[i] for i in missing], [grids[i] for i in missing], [keys[i] for i in missing])
+            for i in missing:
+                out[i] = self._embeds.pop(keys[i], None)
+        again = [i for i, e in enumerate(out) if e is None]
+        if again:
+            # Re-encoding a known image (after preemption, say): the remembered selection is gathered,
+            # so the embeddings match the positions the request already has.
+            self.autoselect_counts["reencoded"] += len(again)
+            batch = torch.cat([pixels[i] for i in again]).to(device=self.visual.device, dtype=dtype)
+            groups = self._pre_merger_groups(batch, [grids[i] for i in again])
+            for i, g in zip(again, groups):
+                out[i] = self._merge(g[self._kept[keys[i]].to(g.device)])
+        return tuple(out)

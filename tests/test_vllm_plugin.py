@@ -1,0 +1,263 @@
+"""The vLLM plugin inside vLLM itself (CPU build, in-process engine). It is compared with vLLM's in-tree
+Qwen2.5-VL and with ``AutoSelectEngine``, on one tiny random-weight checkpoint with images of different
+sizes.
+
+This file needs vLLM (the pinned CPU build). ``bash .ci/vllm_env.sh`` builds that environment and runs
+this file there; everywhere else it is skipped. Each ``vllm.LLM`` takes 5-15 s to start on CPU, so every
+configuration is started once: its outputs are collected by a module-scoped fixture, and the instance
+is deleted before the next one starts.
+
+Tolerances: token ids must be equal. Log-probabilities must agree within 1e-4 (float32 on both
+sides; the engines batch and order their float32 sums differently).
+"""
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in this process: errors surface here
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per instance
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed: `bash .ci/vllm_env.sh` builds its environment and runs these tests")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from autoselect_fast.modules import Scorer, ScorerConfig  # noqa: E402
+from autoselect_fast.vllm_plugin import ARCHITECTURE  # noqa: E402
+from tiny_checkpoints import save_qwen2_5_vl  # noqa: E402
+
+GREEDY_TOKENS = 8
+LOGPROB_TOL = 1e-4
+TOP = 3  # log-probabilities compared: the first token's TOP most likely tokens
+
+
+def picture(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# A batch of requests with images of different sizes (grids 8x16, 22x10 -> resized, 8x8, 20x20 -> resized),
+# one request with two images, and a text-only request.
+REQUESTS = [
+    (f"<|im_start|> w1 {IMAGE} w10 w11 <|im_end|> <|im_start|> w2", [(0, 224, 112)]),
+    (f"<|im_start|> w1 {IMAGE} w3 {IMAGE} w30 <|im_end|> <|im_start|> w2", [(1, 150, 300), (2, 112, 112)]),
+    ("<|im_start|> w4 w5 w6 <|im_end|> <|im_start|> w2", []),
+    # Long enough to fill whole KV-cache blocks: when the batch runs again, vLLM's prefix cache holds
+    # this image's tokens, so it passes the image without its pixels (the plugin must cope).
+    (f"<|im_start|> {IMAGE} " + " ".join(f"w{i % 80}" for i in range(300)) + " <|im_end|> <|im_start|> w2", [(3, 280, 280)]),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tiny-qwen-vllm"))
+    save_qwen2_5_vl(directory, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64, for_vllm=True)
+    torch.manual_seed(1)
+    Scorer(ScorerConfig(input_dim=4 * 64, hidden_dim=32, num_layers=1, num_heads=2)).save_pretrained(os.path.join(directory, "scorer"))
+    Scorer(ScorerConfig(input_dim=64, hidden_dim=32, num_layers=1, num_heads=2)).save_pretrained(os.path.join(directory, "scorer-too-narrow"))
+    return directory
+
+
+def overrides(checkpoint, **settings) -> dict:
+    return {"architectures": [ARCHITECTURE], "autoselect_scorer": os.path.join(checkpoint, "scorer"),
+            **{f"autoselect_{k}": v for k, v in settings.items()}}
+
+
+def make_llm(checkpoint, hf_overrides=None):
+    kwargs = dict(enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=4, seed=0,
+                  limit_mm_per_prompt={"image": 2, "video": 0})
+    if hf_overrides is not None:
+        kwargs["hf_overrides"] = hf_overrides
+    return vllm.LLM(model=checkpoint, **kwargs)
+
+
+def vllm_prompts():
+    return [{"prompt": text, "multi_modal_data": {"image": [picture(*im) for im in images]}} if images else {"prompt": text}
+            for text, images in REQUESTS]
+
+
+def run_vllm(checkpoint, hf_overrides=None) -> tuple[list[dict], dict | None]:
+    """Greedy generation of every request, twice; per request its prompt length, tokens and the first
+    token's top log-probs, and the plugin's image counts (``autoselect_counts``; None in-tree)."""
+    llm = make_llm(checkpoint, hf_overrides)
+    try:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, logprobs=TOP)
+        outputs = llm.generate(vllm_prompts(), params)
+        # The same batch again: vLLM now holds the images' encoder outputs and passes them without
+        # pixels; the plugin must find its selections again and answer the same.
+        again = llm.generate(vllm_prompts(), params)
+        for first, second in zip(outputs, again):
+            assert second.prompt_token_ids == first.prompt_token_ids
+            assert second.outputs[0].token_ids == first.outputs[0].token_ids
+        counts = llm.apply_model(lambda model: dict(model.autoselect_counts))[0] if hf_overrides is not None else None
+        assert llm.llm_engine.model_config.architectures == ([ARCHITECTURE] if hf_overrides else ["Qwen2_5_VLForConditionalGeneration"])
+    finally:
+        del llm
+        gc.collect()
+    results = []
+    for out in outputs:
+        first = out.outputs[0].logprobs[0]
+        results.append({"prompt_tokens": len(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids),
+                        "first_logprobs": {token: lp.logprob for token, lp in first.items()}})
+    return results, counts
+
+
+def run_engine(checkpoint, position_mode="original", **budget) -> list[dict]:
+    """The same requests through AutoSelectEngine (same processor, token ids and Scorer)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from autoselect_fast.engine import AutoSelectEngine, ImageInput, Request
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    engine = AutoSelectEngine(model, Scorer.from_pretrained(os.path.join(checkpoint, "scorer")), position_mode=position_mode, **budget)
+    requests = []
+    for text, images in REQUESTS:
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        inputs = []
+        for im in images:
+            processed = processor.image_processor(images=[picture(*im)], return_tensors="pt")
+            inputs.append(ImageInput(processed["pixel_values"], processed["image_grid_thw"][0].tolist()))
+        requests.append(Request(ids, images=inputs))
+    prefill = engine.prefill(requests)
+    logprobs = torch.log_softmax(prefill.logits.double(), dim=-1)
+    generated = engine.generate(requests, max_new_tokens=GREEDY_TOKENS)
+    return [{"prompt_tokens": length, "tokens": tokens, "logprobs": row}
+            for length, tokens, row in zip(prefill.sequence_lengths, generated, logprobs)]
+
+
+@pytest.fixture(scope="module")
+def in_tree(checkpoint):
+    return run_vllm(checkpoint)[0]
+
+
+def test_every_token_kept_equals_vllm_in_tree_qwen(checkpoint, in_tree):
+    plugin, counts = run_vllm(checkpoint, overrides(checkpoint, keep_ratio=1.0))
+    assert counts == {"selected": 0, "without_pixels": 0, "reencoded": 0}  # vLLM's own path, no selection
+    for ours, theirs in zip(plugin, in_tree):
+        assert ours["prompt_tokens"] == theirs["prompt_tokens"]
+        assert ours["tokens"] == theirs["tokens"]
+        assert ours["first_logprobs"].keys() == theirs["first_logprobs"].keys()
+        for token, lp in theirs["first_logprobs"].items():
+            assert ours["first_logprobs"][token] == pytest.approx(lp, abs=LOGPROB_TOL)
+    # the tiny model's greedy tokens vary (a degenerate model repeating one token would prove little)
+    assert all(len(set(r["tokens"])) > 2 for r in in_tree)
+
+
+@pytest.mark.parametrize(
+    "budget,position_mode",
+    [({"keep_ratio": 0.5}, "original"), ({"keep_ratio": 0.5}, "compact"), ({"keep": 20}, "original")],
+    ids=["ratio-0.5-original", "ratio-0.5-compact", "keep-20-original"],
+)
+def test_pruned_plugin_agrees_with_autoselect_engine(checkpoint, in_tree, budget, position_mode):
+    plugin, counts = run_vllm(checkpoint, overrides(checkpoint, position_mode=position_mode, **budget))
+    # Each pruned image is selected once, when its first request is added; the repeated batch comes
+    # (partly) without pixels and is served from the remembered selections.
+    assert 0 < counts["selected"] <= sum(len(images) for _, images in REQUESTS)
+    assert counts["without_pixels"] > 0
+    engine = run_engine(checkpoint, position_mode=position_mode, **budget)
+    for r, (ours, theirs, full) in enumerate(zip(plugin, engine, in_tree)):
+        assert ours["prompt_tokens"] == theirs["prompt_tokens"], f"request {r}"
+        if REQUESTS[r][1]:
+            assert ours["prompt_tokens"] < full["prompt_tokens"], f"request {r} was not pruned"
+        assert ours["tokens"] == theirs["tokens"], f"request {r}"
+        for token, lp in ours["first_logprobs"].items():
+            assert lp == pytest.approx(float(theirs["logprobs"][token]), abs=LOGPROB_TOL), f"request {r}, token {token}"
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"autoselect_scorer": None, "autoselect_keep_ratio": 0.5}, "hf_overrides must give 'autoselect_scorer'"),
+        ({"autoselect_scorer": "/nonexistent/scorer", "autoselect_keep_ratio": 0.5}, "is not a directory"),
+        ({"autoselect_scorer": "NARROW", "autoselect_keep_ratio": 0.5}, "does not fit this model"),
+        ({"autoselect_keep_ratio": 1.5}, "keep_ratio must be a float in (0, 1]"),
+        ({"autoselect_keep_ratio": 0.5, "autoselect_keep": 8}, "give exactly one of keep"),
+        ({}, "give exactly one of keep"),
+        ({"autoselect_keep_ration": 0.5}, "unknown setting"),
+        ({"autoselect_keep_ratio": 0.5, "autoselect_position_mode": "shifted"}, "position_mode must be one of"),
+    ],
+    ids=["no-scorer", "missing-dir", "width-mismatch", "ratio-out-of-range", "both-budgets", "no-budget", "typo", "position-mode"],
+)
+def test_bad_configuration_fails_when_the_model_loads(checkpoint, settings, message):
+    hf = {"architectures": [ARCHITECTURE], "autoselect_scorer": os.path.join(checkpoint, "scorer"), **settings}
+    if hf["autoselect_scorer"] == "NARROW":
+        hf["autoselect_scorer"] = os.path.join(checkpoint, "scorer-too-narrow")
+    if hf["autoselect_scorer"] is None:
+        del hf["autoselect_scorer"]
+    with pytest.raises(Exception) as info:
+        make_llm(checkpoint, hf)
+    chain, exc = [], info.value
+    while exc is not None:  # vLLM may wrap the model's error; its message must be in the chain
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any(message in text and ARCHITECTURE in text for text in chain), chain
+
+
+# --------------------------------------------------------------------------------------------------
+# vllm serve: the OpenAI-compatible server with the plugin, one chat request with an image
+# --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_openai_server_serves_a_pruned_chat_request_with_an_image(checkpoint, tmp_path):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url(picture(0, 224, 112))}},
+                                             {"type": "text", "text": "w5 w6"}]}]
+    hf = overrides(checkpoint, keep_ratio=0.25)
+    llm = make_llm(checkpoint, hf)  # the offline answer to the same chat, for comparison
+    try:
+        offline = llm.chat(messages, vllm.SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS))[0]
+    finally:
+        del llm
+        gc.collect()
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
+         "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 0}), "--hf-overrides", json.dumps(hf)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, f"the server exited ({server.returncode}): {(tmp_path / 'server.log').read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, f"the server did not start in 240 s: {(tmp_path / 'server.log').read_text()[-3000:]}"
+                time.sleep(1)
+        body = json.dumps({"model": checkpoint, "messages": messages, "max_tokens": GREEDY_TOKENS, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert reply["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)
+    assert reply["choices"][0]["message"]["content"] == offline.outputs[0].text
