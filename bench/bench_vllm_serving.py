@@ -11,8 +11,8 @@ N_i = 16 .. 256 merged tokens (different sizes), prompts of 10-120 text tokens.
 
 Contenders, one ``vllm.LLM`` each, started one after the other (same settings, float32, eager):
   * ``in-tree``: vLLM's own Qwen2.5-VL, every token (the baseline);
-  * ``plugin r=1``: the plugin keeping every token (its own overhead: the tower runs when a request is
-    added, fingerprints);
+  * ``plugin r=1``: the plugin keeping every token (it then takes vLLM's own path: no selection, no
+    fingerprints; any difference to in-tree is the plugin's bookkeeping or noise);
   * ``plugin r``: the plugin at each ``--keep-ratios`` value.
 Measured per contender, after one untimed warm-up batch, as the median of ``--repeats`` batches (each
 with pictures of its own, prefix caching off, so no batch reuses another's work):

@@ -48,7 +48,7 @@ def picture(seed: int, width: int, height: int) -> Image.Image:
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # A batch of requests with images of different sizes (grids 8x16, 22x10 -> resized, 8x8, 20x20 -> resized),
-# one request with two images, and a text-only request.
+# one request with two images, a text-only request, and a request with the same picture twice.
 REQUESTS = [
     (f"<|im_start|> w1 {IMAGE} w10 w11 <|im_end|> <|im_start|> w2", [(0, 224, 112)]),
     (f"<|im_start|> w1 {IMAGE} w3 {IMAGE} w30 <|im_end|> <|im_start|> w2", [(1, 150, 300), (2, 112, 112)]),
@@ -56,6 +56,7 @@ REQUESTS = [
     # Long enough to fill whole KV-cache blocks: when the batch runs again, vLLM's prefix cache holds
     # this image's tokens, so it passes the image without its pixels (the plugin must cope).
     (f"<|im_start|> {IMAGE} " + " ".join(f"w{i % 80}" for i in range(300)) + " <|im_end|> <|im_start|> w2", [(3, 280, 280)]),
+    (f"<|im_start|> w13 {IMAGE} w14 {IMAGE} <|im_end|> <|im_start|> w2", [(0, 224, 112), (0, 224, 112)]),  # one picture twice
 ]
 
 
@@ -74,9 +75,10 @@ def overrides(checkpoint, **settings) -> dict:
             **{f"autoselect_{k}": v for k, v in settings.items()}}
 
 
-def make_llm(checkpoint, hf_overrides=None):
-    kwargs = dict(enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=4, seed=0,
-                  limit_mm_per_prompt={"image": 2, "video": 0})
+def make_llm(checkpoint, hf_overrides=None, **kwargs):
+    # The plugin's model declares images only; vLLM's own needs its video limit set to skip video profiling.
+    limits = {"image": 2} if hf_overrides is not None else {"image": 2, "video": 0}
+    kwargs = dict(enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=4, seed=0, limit_mm_per_prompt=limits, **kwargs)
     if hf_overrides is not None:
         kwargs["hf_overrides"] = hf_overrides
     return vllm.LLM(model=checkpoint, **kwargs)
@@ -144,7 +146,7 @@ def in_tree(checkpoint):
 
 def test_every_token_kept_equals_vllm_in_tree_qwen(checkpoint, in_tree):
     plugin, counts = run_vllm(checkpoint, overrides(checkpoint, keep_ratio=1.0))
-    assert counts == {"selected": 0, "without_pixels": 0, "reencoded": 0}  # vLLM's own path, no selection
+    assert counts == {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}  # vLLM's own path
     for ours, theirs in zip(plugin, in_tree):
         assert ours["prompt_tokens"] == theirs["prompt_tokens"]
         assert ours["tokens"] == theirs["tokens"]
@@ -162,9 +164,12 @@ def test_every_token_kept_equals_vllm_in_tree_qwen(checkpoint, in_tree):
 )
 def test_pruned_plugin_agrees_with_autoselect_engine(checkpoint, in_tree, budget, position_mode):
     plugin, counts = run_vllm(checkpoint, overrides(checkpoint, position_mode=position_mode, **budget))
-    # Each pruned image is selected once, when its first request is added; the repeated batch comes
-    # (partly) without pixels and is served from the remembered selections.
-    assert 0 < counts["selected"] <= sum(len(images) for _, images in REQUESTS)
+    # Each pruned picture is selected once, when its first request is added (the repeated picture and the
+    # repeated batch reuse it); the repeated batch comes partly without pixels (vLLM's prefix cache covers
+    # the long request's image) and is served from the remembered selections.
+    pictures = {im for _, images in REQUESTS for im in images}
+    assert 0 < counts["selected_at_add"] <= len(pictures)
+    assert counts["selected_at_encoder"] == 0
     assert counts["without_pixels"] > 0
     engine = run_engine(checkpoint, position_mode=position_mode, **budget)
     for r, (ours, theirs, full) in enumerate(zip(plugin, engine, in_tree)):
@@ -187,17 +192,23 @@ def test_pruned_plugin_agrees_with_autoselect_engine(checkpoint, in_tree, budget
         ({}, "give exactly one of keep"),
         ({"autoselect_keep_ration": 0.5}, "unknown setting"),
         ({"autoselect_keep_ratio": 0.5, "autoselect_position_mode": "shifted"}, "position_mode must be one of"),
+        ({"autoselect_scorer": "MODEL", "autoselect_keep_ratio": 0.5}, "cannot load the Scorer"),
+        ({"autoselect_keep_ratio": 0.5, "llm": {"video_pruning_rate": 0.5}}, "video pruning"),
+        ({"autoselect_keep_ratio": 0.5, "llm": {"mm_encoder_tp_mode": "data"}}, "mm_encoder_tp_mode='data'"),
     ],
-    ids=["no-scorer", "missing-dir", "width-mismatch", "ratio-out-of-range", "both-budgets", "no-budget", "typo", "position-mode"],
+    ids=["no-scorer", "missing-dir", "width-mismatch", "ratio-out-of-range", "both-budgets", "no-budget", "typo", "position-mode",
+         "not-a-scorer", "video-pruning", "data-parallel-encoder"],
 )
 def test_bad_configuration_fails_when_the_model_loads(checkpoint, settings, message):
+    settings = dict(settings)
+    llm_kwargs = settings.pop("llm", {})
     hf = {"architectures": [ARCHITECTURE], "autoselect_scorer": os.path.join(checkpoint, "scorer"), **settings}
-    if hf["autoselect_scorer"] == "NARROW":
-        hf["autoselect_scorer"] = os.path.join(checkpoint, "scorer-too-narrow")
+    named = {"NARROW": os.path.join(checkpoint, "scorer-too-narrow"), "MODEL": checkpoint}  # MODEL: a directory, not a Scorer
+    hf["autoselect_scorer"] = named.get(hf["autoselect_scorer"], hf["autoselect_scorer"])
     if hf["autoselect_scorer"] is None:
         del hf["autoselect_scorer"]
     with pytest.raises(Exception) as info:
-        make_llm(checkpoint, hf)
+        make_llm(checkpoint, hf, **llm_kwargs)
     chain, exc = [], info.value
     while exc is not None:  # vLLM may wrap the model's error; its message must be in the chain
         chain.append(str(exc))
@@ -225,11 +236,19 @@ def test_openai_server_serves_a_pruned_chat_request_with_an_image(checkpoint, tm
                                              {"type": "text", "text": "w5 w6"}]}]
     hf = overrides(checkpoint, keep_ratio=0.25)
     llm = make_llm(checkpoint, hf)  # the offline answer to the same chat, for comparison
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS)
     try:
-        offline = llm.chat(messages, vllm.SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS))[0]
+        offline = llm.chat(messages, greedy)[0]
+        image_pad = llm.get_tokenizer().convert_tokens_to_ids("<|image_pad|>")
+        # A video is refused by vLLM's frontend (the model declares images only), and the engine lives on.
+        with pytest.raises(Exception, match="video"):
+            llm.generate({"prompt": "<|vision_start|><|video_pad|><|vision_end|> w1",
+                          "multi_modal_data": {"video": np.zeros((4, 56, 56, 3), dtype=np.uint8)}}, greedy)
+        assert llm.chat(messages, greedy)[0].outputs[0].text == offline.outputs[0].text
     finally:
         del llm
         gc.collect()
+    assert offline.prompt_token_ids.count(image_pad) == 8  # the 224x112 picture: 8x16 patches = 32 groups, K = round(0.25 * 32)
 
     port = _free_port()
     log = open(tmp_path / "server.log", "w")

@@ -39,10 +39,11 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
-    """vLLM's plugin hook: register ``AutoSelectQwen2_5_VL`` (lazily: vLLM imports the class when a model asks for it)."""
-    import vllm
+    """vLLM's plugin hook: register ``AutoSelectQwen2_5_VL`` lazily (vLLM imports the class when a model
+    asks for it). Never raises: vLLM calls every plugin unguarded, and an unsupported vLLM version must
+    not stop models that do not use this one. The version is checked when the model module is imported,
+    i.e. only when someone asks for the architecture."""
     from vllm import ModelRegistry
 
-    check_vllm_version(vllm.__version__)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)

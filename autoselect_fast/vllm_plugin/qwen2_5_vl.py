@@ -13,16 +13,16 @@ How a request goes through vLLM (0.32) with this class:
    (``ops.select``), the kept groups through the merger. The positions are vLLM's own positions of the
    *unpruned* sequence, taken at the kept columns (``original``, as ``AutoSelectEngine`` does), or
    0..L-1 on all three rows (``compact``).
-   An image vLLM has seen before may come without its pixels (its encoder output is still cached):
-   its selection is then looked up by vLLM's item identifier.
+   An image whose placeholders vLLM's prefix cache already covers comes without its pixels (vLLM
+   strips them): its selection is then looked up by vLLM's item identifier.
 3. **Embeddings** (worker, encoder step): :meth:`embed_multimodal` returns the K_i embeddings decided in
    step 2. They are found again by a fingerprint of the image's pixels (vLLM passes no request or item
    id to the encoder call); if they were evicted or never computed (a request re-encoded after
    preemption), the tower runs again and the *remembered* kept indices are gathered, so positions and
    embeddings always describe the same tokens.
 
-An image whose budget keeps every token (K_i = N_i) skips steps 2 and 3: vLLM's own positions and its
-batched tower with the merger.
+An image whose budget keeps every token (K_i = N_i) skips the selection: its embeddings come from
+vLLM's batched tower with the merger, and its positions are vLLM's own (in ``original`` mode).
 
 Why positions are decided in step 2 and not through vLLM's ``SupportsMultiModalPruning`` protocol
 (``recompute_mrope_positions``, after the encoder): vLLM 0.32 calls that hook only when video pruning
@@ -37,37 +37,45 @@ merger is swapped for a plain ``view`` of each group, so the tower returns the p
 raster order, the Scorer's input in the engine too). What is vLLM's: the tower, the merger, the
 positions of the unpruned sequence, the processor.
 
-Not supported (refused at load or at the request with a message): videos (their placeholders are not
-pruned), image embeddings given instead of pixels, vLLM's video pruning (EVS), the encoder CUDA graph
-(``cudagraph_mm_encoder``) and data-parallel vision encoding (``mm_encoder_tp_mode="data"``).
+Not supported, refused with a message: videos (by vLLM's frontend: this model declares images only),
+image embeddings given instead of pixels; at load: vLLM's video pruning (EVS), the encoder CUDA graph
+(``cudagraph_mm_encoder``), data-parallel vision encoding (``mm_encoder_tp_mode="data"``), pipeline
+parallelism, LoRA on the tower (``enable_tower_connector_lora``), disaggregated serving
+(``kv_transfer_config``, ``ec_transfer_config``), and a checkpoint that is not Qwen2.5-VL.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import vllm
 from torch import Tensor, nn
+
+from . import ARCHITECTURE, check_vllm_version
+
+check_vllm_version(vllm.__version__)  # before importing the private classes this module subclasses
+
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
-from .. import ops
-from ..modules import Scorer
-from ..reference import POSITION_MODES, check_budget_args, cu_seqlens_from_lengths, image_budget
-from . import ARCHITECTURE
+from .. import ops  # noqa: E402
+from ..modules import Scorer  # noqa: E402
+from ..reference import POSITION_MODES, check_budget_args, image_budget  # noqa: E402
 
 PREFIX = "autoselect_"  # hf_overrides keys of this plugin
-_KEPT_CACHE_SIZE = 65536  # remembered selections (a few hundred bytes each)
-_EMBED_CACHE_SIZE = 256  # embeddings computed at request add and not yet taken by the encoder step
+_KEPT_CACHE_SIZE = 65536  # remembered selections (int32 indices, 4·K_i bytes each), least recently used dropped
+_EMBED_CACHE_SIZE = 64  # embeddings computed at request add and not yet taken by the encoder step
 
 
 def _fail(message: str) -> ValueError:
@@ -117,6 +125,14 @@ class PluginSettings:
         return image_budget(num_tokens, self.keep, self.keep_ratio, clip=True)
 
 
+class AutoSelectQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Images only: vLLM then refuses a video in the frontend, with a message, before it reaches the
+    model (an error raised in the worker would stop the whole engine)."""
+
+    def get_supported_mm_limits(self):
+        return {"image": None}
+
+
 class AutoSelectQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with K_i instead of N_i placeholders per image."""
 
@@ -159,7 +175,7 @@ def pixels_fingerprint(pixel_values: Tensor, grid: Sequence[int], dtype: torch.d
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    AutoSelectQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+    AutoSelectQwen2_5_VLProcessor, info=AutoSelectQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
 class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Registered as ``AutoSelectQwen2_5_VL`` by :func:`autoselect_fast.vllm_plugin.register`."""
@@ -175,9 +191,21 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             raise _fail("mm_encoder_tp_mode='data' (data-parallel vision encoding) is not supported; use the default 'weights'")
         if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
             raise _fail("cudagraph_mm_encoder=True runs the vision encoder outside embed_multimodal; switch it off")
+        if getattr(config, "model_type", None) != "qwen2_5_vl":
+            raise _fail(f"the model must be a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'), got {getattr(config, 'model_type', None)!r}")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise _fail("pipeline parallelism is not supported (every stage would run the vision tower); use tensor parallelism")
+        if vllm_config.lora_config is not None and getattr(vllm_config.lora_config, "enable_tower_connector_lora", False):
+            raise _fail("enable_tower_connector_lora is not supported: the tower runs when a request is added, outside vLLM's LoRA mapping")
+        for name in ("kv_transfer_config", "ec_transfer_config"):
+            if getattr(vllm_config, name, None) is not None:
+                raise _fail(f"{name} (disaggregated serving) is not supported: images would arrive here without the selection made elsewhere")
         vision = config.vision_config
         unit = vision.spatial_merge_size**2
-        scorer = Scorer.from_pretrained(settings.scorer)
+        try:
+            scorer = Scorer.from_pretrained(settings.scorer)
+        except Exception as exc:  # not a Scorer checkpoint, unreadable weights, ...
+            raise _fail(f"cannot load the Scorer of {PREFIX}scorer={settings.scorer!r}: {exc}") from exc
         try:
             scorer.check_input_dim(unit * vision.hidden_size)
         except ValueError as exc:
@@ -185,14 +213,19 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
                         f"{unit} x {vision.hidden_size})") from None
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # Not a submodule: vLLM's weight loader must neither expect nor load the Scorer's weights from
-        # the model checkpoint. Moved to the tower's device and dtype at the first image.
+        # the model checkpoint. Moved to the tower's device at the first image; it keeps its own dtype
+        # (its checkpoint's), and the features are cast to it.
         self.__dict__["autoselect_scorer"] = scorer.eval().requires_grad_(False)
         self.autoselect = settings
         self._group_width = unit * vision.hidden_size
         self._kept: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> kept raster indices (CPU)
         self._kept_by_identifier: OrderedDict[str, Tensor] = OrderedDict()  # vLLM's item identifier -> the same
         # What happened to the images so far (read it with LLM.apply_model(lambda m: m.autoselect_counts)).
-        self.autoselect_counts = {"selected": 0, "without_pixels": 0, "reencoded": 0}
+        # selected_at_add: selections made when a request was added (the normal way); selected_at_encoder:
+        # images the encoder step met first (vLLM's memory profiling with dummy images, or a forgotten
+        # fingerprint); without_pixels: images vLLM sent without pixels; reencoded: known selections
+        # gathered again from a fresh tower pass.
+        self.autoselect_counts = {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}
         self._embeds: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> (K_i, H) embeddings
 
     # -- the selection ---------------------------------------------------------------------------
@@ -234,12 +267,20 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         dtype = next(scorer.parameters()).dtype
         lengths = [g.shape[0] for g in groups]
         flat = torch.cat(groups).to(dtype)
-        cu = cu_seqlens_from_lengths(lengths).to(device)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64).to(device)
         scores = scorer(flat, cu).float()
         selection = ops.select(scores, None, budgets, cu, max_seqlen=max(lengths), validate=False)
-        starts = cu.cpu()[:-1]
-        per_image = selection.indices.cpu().split(budgets)
-        return [idx - start for idx, start in zip(per_image, starts.tolist())]
+        per_image = selection.indices.cpu().split(budgets)  # the positions need them on the host anyway
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        return [(idx - start).to(torch.int32) for idx, start in zip(per_image, starts)]
+
+    @staticmethod
+    def _recall(cache: OrderedDict, key: str) -> Optional[Tensor]:
+        """A remembered value, marked as recently used (entries in use are never the ones dropped)."""
+        value = cache.get(key)
+        if value is not None:
+            cache.move_to_end(key)
+        return value
 
     def _remember_identifier(self, identifier: str, kept: Tensor) -> None:
         self._kept_by_identifier[identifier] = kept
@@ -256,17 +297,17 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
                     cache.popitem(last=False)
 
     @torch.inference_mode()
-    def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str]) -> None:
+    def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str], where: str) -> None:
         """Select and embed the images not seen before (one tower pass for all of them)."""
-        new = [i for i, key in enumerate(keys) if key not in self._kept]
+        new = [i for i, key in enumerate(keys) if self._recall(self._kept, key) is None]
         if not new:
             return
+        self.autoselect_counts[f"selected_at_{where}"] += len(new)
         device, dtype = self.visual.device, self._tower_dtype()
         batch = torch.cat([pixels[i] for i in new]).to(device=device, dtype=dtype)
         groups = self._pre_merger_groups(batch, [grids[i] for i in new])
-        self.autoselect_counts["selected"] += len(new)
         for i, g, kept in zip(new, groups, self._select(groups)):
-            self._remember(keys[i], kept=kept, embeds=self._merge(g[kept.to(g.device)]))
+            self._remember(keys[i], kept=kept, embeds=self._merge(g[kept.to(device=g.device, dtype=torch.int64)]))
 
     # -- positions (request add) -----------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
@@ -280,24 +321,25 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         grids = [f.data["image_grid_thw"].data.tolist() for f in features]
         # Images that keep every token need no selection: vLLM's own path, batched in the encoder step.
         pruned = [i for i, g in enumerate(grids) if not self._keeps_all(g)]
-        # vLLM leaves the pixels out of an image whose encoder output it still holds (the same image in
-        # an earlier request): its selection is then found by vLLM's item identifier.
+        # vLLM strips the pixels of an image whose placeholders its prefix cache already covers
+        # (strip_covered_mm_data: a later turn of the same chat, say): its selection is then found by
+        # vLLM's item identifier.
         with_pixels = [i for i in pruned if "pixel_values" in features[i].data]
         pixels = [features[i].data["pixel_values"].data for i in with_pixels]
         keys = [pixels_fingerprint(p, grids[i], dtype) for p, i in zip(pixels, with_pixels)]
-        self._prepare_images(pixels, [grids[i] for i in with_pixels], keys)
+        self._prepare_images(pixels, [grids[i] for i in with_pixels], keys, where="add")
         for i, key in zip(with_pixels, keys):
             self._remember_identifier(features[i].identifier, self._kept[key])
         self.autoselect_counts["without_pixels"] += len(pruned) - len(with_pixels)
-        kept = [torch.arange(self._num_groups(g)) for g in grids]
-        for i in pruned:
-            identifier = features[i].identifier
-            if identifier not in self._kept_by_identifier:
-                raise _fail(f"vLLM gave image {identifier!r} without its pixels, and its selection is no longer remembered")
-            kept[i] = self._kept_by_identifier[identifier]
-        if self.autoselect.position_mode == "compact":
+        if self.autoselect.position_mode == "compact":  # needs no selection: 0..L-1 on every row
             length = len(input_tokens)
             return torch.arange(length).view(1, -1).expand(3, -1).clone(), 0
+        kept = [torch.arange(self._num_groups(g)) for g in grids]
+        for i in pruned:
+            remembered = self._recall(self._kept_by_identifier, features[i].identifier)
+            if remembered is None:  # only after 65,536 other images since this one was last used
+                raise _fail(f"vLLM gave image {features[i].identifier!r} without its pixels, and its selection is no longer remembered")
+            kept[i] = remembered
         return self._original_positions(input_tokens, features, kept)
 
     def _original_positions(self, input_tokens: list[int], features: list, kept: list[Tensor]) -> tuple[Tensor, int]:
@@ -317,7 +359,7 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             columns.extend(range(cursor + shift, offset + shift))  # text before the image
             full_tokens.extend(input_tokens[cursor:offset])
             full_features.append(dataclasses.replace(f, mm_position=dataclasses.replace(f.mm_position, offset=offset + shift, length=n)))
-            columns.extend((offset + shift + kept_i).tolist())
+            columns.extend((offset + shift + kept_i.to(torch.int64)).tolist())
             full_tokens.extend([input_tokens[offset]] * n)
             cursor, shift = offset + k, shift + n - k
         columns.extend(range(cursor + shift, len(input_tokens) + shift))
@@ -353,8 +395,8 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         for i, key in keys.items():
             out[i] = self._embeds.pop(key, None)
         missing = [i for i, e in enumerate(out) if e is None]
-        if missing:  # images whose positions were not computed here first (or evicted): select them now
-            self._prepare_images([pixels[i] for i in missing], [grids[i] for i in missing], [keys[i] for i in missing])
+        if missing:  # images whose positions were not computed here first (vLLM's profiling run): select them now
+            self._prepare_images([pixels[i] for i in missing], [grids[i] for i in missing], [keys[i] for i in missing], where="encoder")
             for i in missing:
                 out[i] = self._embeds.pop(keys[i], None)
         again = [i for i, e in enumerate(out) if e is None]
@@ -365,5 +407,5 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             batch = torch.cat([pixels[i] for i in again]).to(device=self.visual.device, dtype=dtype)
             groups = self._pre_merger_groups(batch, [grids[i] for i in again])
             for i, g in zip(again, groups):
-                out[i] = self._merge(g[self._kept[keys[i]].to(g.device)])
+                out[i] = self._merge(g[self._recall(self._kept, keys[i]).to(device=g.device, dtype=torch.int64)])
         return tuple(out)
