@@ -231,8 +231,8 @@ def _varlen_flops(query, key, value, cu_seqlens_q, cu_seqlens_k, *args, out_val=
     """``torch.nn.attention.varlen`` (the engine's CUDA attention): the same convention per segment."""
     lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()  # a host read: counting runs untimed
     lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    heads, d, dv = query.shape[1], query.shape[2], value.shape[2]
-    return sum(2 * heads * lq * lk * (d + dv) for lq, lk in zip(lengths_q, lengths_k))
+    _, heads, d = query.shape  # (T, H, d) packed; per segment the (1, H, L, d) shapes of _sdpa_flops
+    return sum(_sdpa_flops((1, heads, lq, d), (1, heads, lk, d), (1, heads, lk, value.shape[-1])) for lq, lk in zip(lengths_q, lengths_k))
 
 
 _varlen_flops._get_raw = True  # FlopCounterMode passes the tensors themselves (their offsets are needed)
@@ -294,6 +294,16 @@ class BenchSetup:
 
     def __post_init__(self):
         self.engine = AutoSelectEngine(self.model, self.scorer, keep=None, score_cache_size=0)
+
+    @classmethod
+    def build(cls, preset: Preset, device: torch.device, dtype: torch.dtype) -> "BenchSetup":
+        """The preset's model and Scorer with random weights (seed 0), in ``dtype`` on ``device``."""
+        from .models import get_adapter
+
+        torch.manual_seed(0)
+        model = build_model(preset, device, dtype)
+        scorer = Scorer(preset.scorer(get_adapter(model).feature_dim)).to(device=device, dtype=dtype).eval()
+        return cls(preset, model, scorer, device, dtype)
 
     def engine_for(self, keep: Keep) -> AutoSelectEngine:
         """An engine keeping every token (None), K per image (int) or ``max(1, round(r * N_i))`` (float r)."""
@@ -689,10 +699,8 @@ def run_report(settings: ReportSettings) -> dict:
 
     say = print if settings.progress else (lambda *a, **k: None)
     say(f"[1/3] building preset {preset.name!r} on {device} in {dtype_name}: {preset.description}")
-    torch.manual_seed(0)
     with heartbeat("building the model with random weights", enabled=settings.progress):
-        model = build_model(preset, device, dtype)
-    setup = BenchSetup(preset, model, _scorer_for(preset, model, device, dtype), device, dtype)
+        setup = BenchSetup.build(preset, device, dtype)
     n_tokens = setup.engine.prepare(synthetic_requests(setup.engine, preset, 1)).layouts[0].num_tokens
     too_big = [k for k in keeps if k >= n_tokens]
     if too_big:
@@ -716,8 +724,8 @@ def run_report(settings: ReportSettings) -> dict:
         "dtype": dtype_name,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
-        "baseline": (f"transformers: unmodified {type(model).__name__}.forward (attn_implementation="
-                     f"{model.config._attn_implementation}, its own left-padded batch, logits_to_keep=1, no KV cache)"),
+        "baseline": (f"transformers: unmodified {type(setup.model).__name__}.forward (attn_implementation="
+                     f"{setup.model.config._attn_implementation}, its own left-padded batch, logits_to_keep=1, no KV cache)"),
         "shapes": {
             "image_size": list(preset.image_size),
             "visual_tokens_per_image": n_tokens,
@@ -744,12 +752,6 @@ def run_report(settings: ReportSettings) -> dict:
         plot_report(report, stem + ".png")
         print(f"plot: {stem}.png")
     return report
-
-
-def _scorer_for(preset: Preset, model, device, dtype) -> Scorer:
-    from .models import get_adapter
-
-    return Scorer(preset.scorer(get_adapter(model).feature_dim)).to(device=device, dtype=dtype).eval()
 
 
 def _pruning_module_alone(setup: BenchSetup, requests: list[Request], keeps: list[int], settings: ReportSettings) -> list[dict]:

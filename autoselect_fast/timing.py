@@ -76,31 +76,28 @@ def gpu_timeline_ms(fn: Callable[[], object], *, replays: int = 200, warmup: int
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def per_call_ms(step: Callable[[], object]) -> float:
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(replays):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / replays
+
     method = "eager back-to-back (no capture asked)"
     if graph:
         try:
             captured = torch.cuda.CUDAGraph()
             with torch.cuda.graph(captured):
                 fn()
-            captured.replay()
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(replays):
-                captured.replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / replays, "cuda-graph replay"
+            captured.replay()  # one untimed replay
+            return per_call_ms(captured.replay), "cuda-graph replay"
         except Exception as exc:  # capture failed: fall back to eager calls, and say so
             method = f"eager back-to-back (graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays, method
+    return per_call_ms(fn), method
 
 
 # A measurement whose slowest repeat is more than this many times its fastest is reported as noisy:

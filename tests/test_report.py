@@ -24,11 +24,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    preset = presets.get_preset("tiny")
-    torch.manual_seed(0)
-    model = presets.build_model(preset, torch.device("cpu"), torch.float32)
-    scorer = R._scorer_for(preset, model, torch.device("cpu"), torch.float32)
-    return R.BenchSetup(preset, model, scorer, torch.device("cpu"), torch.float32)
+    return R.BenchSetup.build(presets.get_preset("tiny"), torch.device("cpu"), torch.float32)
 
 
 def _logits(contender):

@@ -45,8 +45,8 @@ parallelism, LoRA on the tower (``enable_tower_connector_lora``), disaggregated 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import itertools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from .. import ops  # noqa: E402
 from ..modules import Scorer  # noqa: E402
-from ..reference import POSITION_MODES, check_budget_args, image_budget  # noqa: E402
+from ..reference import POSITION_MODES, check_budget_args, cu_seqlens_from_lengths, image_budget  # noqa: E402
 
 PREFIX = "autoselect_"  # hf_overrides keys of this plugin
 _KEPT_CACHE_SIZE = 65536  # remembered selections (int32 indices, 4·K_i bytes each), least recently used dropped
@@ -248,18 +248,16 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             groups = self.visual(pixel_values, grid_thw=grids)
         finally:
             self.visual.merger = merger
-        unit = self.visual.spatial_merge_size**2
-        return list(groups.split([t * h * w // unit for t, h, w in grids]))
+        return list(groups.split([self._num_groups(g) for g in grids]))
 
     def _merge(self, groups: Tensor) -> Tensor:
         """vLLM's merger on ``(K, merge²·C)`` kept groups (it works group by group)."""
-        return self.visual.merger(groups.reshape(-1, 1, self._group_width // self.visual.spatial_merge_size**2))
+        return self.visual.merger(groups.reshape(-1, 1, self.config.vision_config.hidden_size))
 
     def _select(self, groups: list[Tensor]) -> list[Tensor]:
-        """Kept raster indices per image: Scorer + hard top-K in one ``ops.select`` call."""
+        """Kept raster indices per image: Scorer + hard top-K in one ``ops.select`` call (only images that
+        drop tokens come here; the others take vLLM's own path)."""
         budgets = [self.autoselect.budget(g.shape[0]) for g in groups]
-        if all(k == g.shape[0] for k, g in zip(budgets, groups)):
-            return [torch.arange(g.shape[0]) for g in groups]
         scorer = self.__dict__["autoselect_scorer"]
         device = groups[0].device
         if next(scorer.parameters()).device != device:
@@ -267,12 +265,12 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         dtype = next(scorer.parameters()).dtype
         lengths = [g.shape[0] for g in groups]
         flat = torch.cat(groups).to(dtype)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64).to(device)
+        host_cu = cu_seqlens_from_lengths(lengths)  # built on the host: the offsets are never read back
+        cu = host_cu.to(device)
         scores = scorer(flat, cu).float()
         selection = ops.select(scores, None, budgets, cu, max_seqlen=max(lengths), validate=False)
         per_image = selection.indices.cpu().split(budgets)  # the positions need them on the host anyway
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        return [(idx - start).to(torch.int32) for idx, start in zip(per_image, starts)]
+        return [(idx - start).to(torch.int32) for idx, start in zip(per_image, host_cu[:-1].tolist())]
 
     @staticmethod
     def _recall(cache: OrderedDict, key: str) -> Optional[Tensor]:
@@ -282,19 +280,13 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             cache.move_to_end(key)
         return value
 
-    def _remember_identifier(self, identifier: str, kept: Tensor) -> None:
-        self._kept_by_identifier[identifier] = kept
-        self._kept_by_identifier.move_to_end(identifier)
-        while len(self._kept_by_identifier) > _KEPT_CACHE_SIZE:
-            self._kept_by_identifier.popitem(last=False)
-
-    def _remember(self, key: str, kept: Optional[Tensor] = None, embeds: Optional[Tensor] = None) -> None:
-        for cache, value, limit in ((self._kept, kept, _KEPT_CACHE_SIZE), (self._embeds, embeds, _EMBED_CACHE_SIZE)):
-            if value is not None:
-                cache[key] = value
-                cache.move_to_end(key)
-                while len(cache) > limit:
-                    cache.popitem(last=False)
+    @staticmethod
+    def _store(cache: OrderedDict, key: str, value: Tensor, limit: int) -> None:
+        """Remember ``value``, dropping the least recently used entries beyond ``limit``."""
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
 
     @torch.inference_mode()
     def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str], where: str) -> None:
@@ -307,7 +299,8 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         batch = torch.cat([pixels[i] for i in new]).to(device=device, dtype=dtype)
         groups = self._pre_merger_groups(batch, [grids[i] for i in new])
         for i, g, kept in zip(new, groups, self._select(groups)):
-            self._remember(keys[i], kept=kept, embeds=self._merge(g[kept.to(device=g.device, dtype=torch.int64)]))
+            self._store(self._kept, keys[i], kept, _KEPT_CACHE_SIZE)
+            self._store(self._embeds, keys[i], self._merge(g[kept.to(device=g.device, dtype=torch.int64)]), _EMBED_CACHE_SIZE)
 
     # -- positions (request add) -----------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
@@ -329,7 +322,7 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         keys = [pixels_fingerprint(p, grids[i], dtype) for p, i in zip(pixels, with_pixels)]
         self._prepare_images(pixels, [grids[i] for i in with_pixels], keys, where="add")
         for i, key in zip(with_pixels, keys):
-            self._remember_identifier(features[i].identifier, self._kept[key])
+            self._store(self._kept_by_identifier, features[i].identifier, self._kept[key], _KEPT_CACHE_SIZE)
         self.autoselect_counts["without_pixels"] += len(pruned) - len(with_pixels)
         if self.autoselect.position_mode == "compact":  # needs no selection: 0..L-1 on every row
             length = len(input_tokens)
@@ -344,16 +337,12 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
 
     def _original_positions(self, input_tokens: list[int], features: list, kept: list[Tensor]) -> tuple[Tensor, int]:
         """vLLM's own positions of the unpruned sequence, at the columns the pruned sequence keeps."""
-        import dataclasses
-
-        unit = self.config.vision_config.spatial_merge_size**2
         full_tokens: list[int] = []
         full_features, columns = [], []
         cursor, shift = 0, 0  # cursor: next pruned column to copy; shift: full column - pruned column
         for f, kept_i in zip(features, kept):
             offset, k = f.mm_position.offset, f.mm_position.length
-            t, h, w = f.data["image_grid_thw"].data.tolist()
-            n = t * h * w // unit
+            n = self._num_groups(f.data["image_grid_thw"].data.tolist())
             if k != kept_i.numel():
                 raise _fail(f"an image has {k} placeholders but its selection keeps {kept_i.numel()} tokens")
             columns.extend(range(cursor + shift, offset + shift))  # text before the image
