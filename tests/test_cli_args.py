@@ -22,7 +22,6 @@ def no_model(monkeypatch):
         raise AssertionError("a model was built before the arguments were checked")
 
     monkeypatch.setattr(presets, "build_model", refuse)
-    monkeypatch.setattr(report, "build_model", refuse)
     monkeypatch.setattr(modules.Scorer, "__init__", refuse)
     monkeypatch.setattr(local_checkpoint.LocalCheckpoint, "load_model", refuse)
 
