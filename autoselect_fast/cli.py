@@ -114,7 +114,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
                 f"this is meant for a GPU. Add --force to run it anyway, or use --preset default"
             )
         say(f"estimated run time on this CPU: {estimate}")
-    return run_report(settings)
+    return run_report(settings, plan)
 
 
 def run_generate_command(args: argparse.Namespace) -> dict:

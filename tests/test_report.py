@@ -135,7 +135,7 @@ def test_mixed_lengths_and_file_names():
 
 def test_report_on_tiny_preset(tmp_path):
     report = run_report(ReportSettings(preset="tiny", keeps=[8, 2], device="cpu", warmup=0, repeats=1, mixed_batch=2,
-                                       mixed_text=(4, 20), out_dir=str(tmp_path), progress=False))
+                                       mixed_text=(4, 20), decode_batches=[1], decode_tokens=3, out_dir=str(tmp_path), progress=False))
     single, mixed = report["scenarios"]
     assert [(r["contender"], r["keep"]) for r in single["rows"]] == [
         ("transformers", None), ("engine", None), ("peers", None), ("engine", 8), ("peers", 8), ("engine", 2), ("peers", 2)]
@@ -153,13 +153,15 @@ def test_report_on_tiny_preset(tmp_path):
     padded = {r["contender"]: r["llm_tokens"] for r in mixed["rows"] if r["keep"] is None}
     assert padded == {"transformers": 2 * (20 + 16), "engine": (4 + 16) + (20 + 16)}
     assert [p["keep"] for p in report["pruning_module_alone"]] == [8, 2]
-    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2.json").read_text())
+    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and saved["dtype"] == "fp32"
     assert saved["baseline"].startswith("transformers: unmodified LlavaForConditionalGeneration.forward (attn_implementation=sdpa")
-    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.md").read_text()
-    assert markdown.count("| config | contender |") == 2 and "| K=2 | engine |" in markdown
+    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.md").read_text()
+    assert markdown.count("| config | contender | LLM seq |") == 2 and "| K=2 | engine |" in markdown
     assert any(line.startswith("single: engine K=2: prefill") for line in saved["summary"])
+    assert [(r["contender"], r["keep"]) for r in saved["decode"][0]["rows"]] == [("transformers", None), ("engine", None), ("engine", 2)]
+    assert any(line.startswith("decode batch 1: engine K=2: decode ") for line in saved["summary"]) and "**decode, batch 1**" in markdown
     text = format_report(saved)
     assert "legend:" in text and "pack" in text and "glue" not in text and "FLOP x" in text and "% padding" in text and "K=2" in text
     assert "GPU busy % and kernels per prefill: not measured" in text and "| prepare ms |" in markdown and "| pack ms |" in markdown
@@ -261,10 +263,16 @@ def test_decode_scenario_counts_tokens_per_second(tiny_setup):
 
     out = R.run_decode(tiny_setup, 2, [4], ReportSettings(warmup=0, repeats=1, decode_tokens=3), Bar())
     assert [(r["contender"], r["keep"]) for r in out["rows"]] == [("transformers", None), ("engine", None), ("engine", 4)]
-    assert out["rows"][1]["same_tokens_as_baseline"] is True
-    assert all(r["tokens_per_s"]["median"] > 0 for r in out["rows"])
+    assert out["rows"][1]["same_tokens_as_baseline"] is True and out["new_tokens"] == 3
+    for r in out["rows"]:
+        one, every = r["one_token_ms"]["median_ms"], r["all_tokens_ms"]["median_ms"]
+        assert r["generate_tokens_per_s"] == pytest.approx(2 * 3 * 1e3 / every)
+        if every > one:  # decoding 2 more tokens per request took measurable time
+            assert r["decode_tokens_per_s"] == pytest.approx(2 * 2 * 1e3 / (every - one))
+        else:  # a busy machine can hide it: then no number is made up
+            assert r["decode_tokens_per_s"] is None
     text = R.format_decode(out)
-    assert "decode batch 2" in text and "greedy tokens = the baseline's" in text
+    assert "decode batch 2" in text and "greedy tokens = the baseline's" in text and "generate 3 tokens" in text
 
 
 def test_gpu_profile_is_not_faked_on_cpu():

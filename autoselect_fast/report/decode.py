@@ -1,20 +1,20 @@
 """The ``decode`` scenario: tokens per second of the engine's ``generate`` against transformers'
-``generate`` on the same requests, greedy, with the same number of new tokens and no stop token.
+``generate`` on the same requests, greedy, with the same number of new tokens and no stop token (the
+engine gets none; transformers' end-of-sequence token is held back with ``min_new_tokens``).
 
 Decoding speed is taken apart from the prefill: each round times ``generate`` with one new token and
-with ``n`` new tokens, and a sample is ``batch * (n - 1)`` tokens over the difference. The
-configurations are timed interleaved, as the prefill scenarios are.
+with ``n`` new tokens; decode tokens/s is ``batch * (n - 1)`` over the difference of their medians.
+The configurations are timed interleaved, as the prefill scenarios are.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..engine import Request
-from ..timing import Stopwatch
+from ..timing import Stopwatch, is_noisy, summarize
 from .contenders import BASELINE, BenchSetup, Keep
 from .model_inputs import model_inputs
 from .render import keep_label
@@ -61,13 +61,20 @@ def engine_decoder(setup: BenchSetup, requests: list[Request], keep: Keep) -> De
 
 def run_decode(setup: BenchSetup, batch: int, keeps: list[int], settings: ReportSettings, bar) -> dict:
     """Tokens per second of transformers' ``generate``, the engine's with every token and at the
-    smallest K, on ``batch`` requests of the preset's prompt shape."""
+    smallest K, on ``batch`` requests of the preset's prompt shape.
+
+    Per configuration: ``one_token_ms`` and ``all_tokens_ms`` (``generate`` of 1 and of ``n`` new
+    tokens, median [min-max]); ``decode_tokens_per_s`` = ``batch * (n - 1)`` over the difference of
+    their medians, ``None`` when that difference is not positive (decoding hidden in the noise: more
+    ``decode_tokens`` or repeats); ``generate_tokens_per_s`` = ``batch * n`` over ``all_tokens_ms``,
+    the prefill included.
+    """
     requests = synthetic_requests(setup.engine, setup.preset, batch)
     n = settings.decode_tokens
     decoders = [transformers_decoder(setup, requests), engine_decoder(setup, requests, None)]
     if keeps:
         decoders.append(engine_decoder(setup, requests, min(keeps)))
-    samples: list[list[float]] = [[] for _ in decoders]
+    samples = [{"one": [], "all": []} for _ in decoders]
     tokens: list[list[list[int]]] = [[] for _ in decoders]
     for round_ in range(settings.warmup + settings.repeats):
         for i, (d, store) in enumerate(zip(decoders, samples)):
@@ -80,12 +87,22 @@ def run_decode(setup: BenchSetup, batch: int, keeps: list[int], settings: Report
             if any(len(t) != n for t in tokens[i]):
                 raise RuntimeError(f"{d.name} generated {[len(t) for t in tokens[i]]} tokens per request, asked for {n}")
             if round_ >= settings.warmup:
-                store.append(batch * (n - 1) * 1e3 / max(clock.ms["all"] - clock.ms["one"], 1e-6))
+                for key in store:
+                    store[key].append(clock.ms[key])
             bar.update(1)
     rows = []
     for d, store, out in zip(decoders, samples, tokens):
-        row = {"contender": d.name, "keep": d.keep,
-               "tokens_per_s": {"median": statistics.median(store), "min": min(store), "max": max(store)}}
+        one, every = summarize(store["one"]), summarize(store["all"])
+        decode_ms = every["median_ms"] - one["median_ms"]
+        row = {
+            "contender": d.name,
+            "keep": d.keep,
+            "one_token_ms": one,
+            "all_tokens_ms": every,
+            "decode_tokens_per_s": batch * (n - 1) * 1e3 / decode_ms if decode_ms > 0 else None,
+            "generate_tokens_per_s": batch * n * 1e3 / every["median_ms"],
+            "noisy": [key for key, t in (("one_token_ms", one), ("all_tokens_ms", every)) if is_noisy(t)],
+        }
         if d.keep is None and d.name != BASELINE:  # every token kept: greedy tokens comparable with the baseline's
             row["same_tokens_as_baseline"] = out == tokens[0]
         rows.append(row)
@@ -94,6 +111,6 @@ def run_decode(setup: BenchSetup, batch: int, keeps: list[int], settings: Report
         "batch": batch,
         "new_tokens": n,
         "description": f"{batch} request(s) of the preset's prompt, {n} new tokens each, greedy, no stop token; "
-                       f"tokens/s = batch x {n - 1} / (time of {n} tokens - time of 1)",
+                       f"decode tokens/s = batch x {n - 1} / (generate of {n} tokens - generate of 1)",
         "rows": rows,
     }

@@ -58,8 +58,10 @@ def report_summary(report: dict) -> list[str]:
     for d in report.get("decode", []):
         base = d["rows"][0]
         for r in d["rows"][1:]:
-            lines.append(f"decode batch {d['batch']}: {r['contender']} {_config(r)}: {r['tokens_per_s']['median']:.1f} tokens/s, "
-                         f"{r['tokens_per_s']['median'] / base['tokens_per_s']['median']:.2f}x {base['contender']}'s generate")
+            lines.append(f"decode batch {d['batch']}: {r['contender']} {_config(r)}: decode {_rate(r['decode_tokens_per_s'])} tokens/s "
+                         f"({_ratio(r['decode_tokens_per_s'], base['decode_tokens_per_s'])}x {base['contender']}'s generate), "
+                         f"{r['generate_tokens_per_s']:.1f} tokens/s with the prefill "
+                         f"({r['generate_tokens_per_s'] / base['generate_tokens_per_s']:.2f}x)")
     return lines
 
 
@@ -79,6 +81,12 @@ def report_warnings(report: dict) -> list[str]:
                 which = ", ".join(f"{kind} {r['speedup'][kind]:.2f}x" for kind in r["suspect"])
                 lines.append(f"SUSPECT {s['name']}: {r['contender']} {_config(r)}: speedup ({which}) above the FLOP ratio "
                              f"{r['speedup']['flops_ratio']:.2f}x: less work cannot explain it; the baseline was slow (or the run noisy).")
+    for d in report.get("decode", []):
+        noisy = [f"{r['contender']} {_config(r)} (" + ", ".join(f"{key} {r[key]['max_ms'] / r[key]['min_ms']:.2f}" for key in r["noisy"]) + ")"
+                 for r in d["rows"] if r["noisy"]]
+        if noisy:
+            lines.append(f"NOISY decode batch {d['batch']}: max/min above {threshold} for {'; '.join(noisy)}. The machine was busy: "
+                         "re-run on a quiet machine (or with more --repeats) before quoting these numbers.")
     return lines
 
 
@@ -130,17 +138,30 @@ def _not_measured(scenario: dict) -> str:
     return "; ".join(sorted(reasons))
 
 
+def _rate(value: Optional[float]) -> str:
+    return "hidden in noise" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> str:
+    return "-" if value is None or base is None else f"{value / base:.2f}"
+
+
 def format_decode(decode: dict) -> str:
-    """One decode scenario: tokens per second of each ``generate``, median [min-max], and the ratio to the baseline."""
-    base = decode["rows"][0]["tokens_per_s"]["median"]
-    lines = [f"decode batch {decode['batch']}: {decode['description']}; baseline = {decode['rows'][0]['contender']}",
-             f"{'config':>7} {'contender':>12} {'tokens/s':>25} {'x':>6}"]
+    """One decode scenario: generate of 1 and of n tokens (median [min-max] ms), decode and end-to-end
+    tokens per second, each against the baseline's."""
+    n = decode["new_tokens"]
+    base = decode["rows"][0]
+    lines = [f"decode batch {decode['batch']}: {decode['description']}; baseline = {base['contender']}",
+             f"{'config':>7} {'contender':>12} {'generate 1 token':>21} {f'generate {n} tokens':>21} {'decode tok/s':>15} {'x':>6} "
+             f"{'generate tok/s':>15} {'x':>6}"]
     for r in decode["rows"]:
-        t = r["tokens_per_s"]
-        cell = f"{t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}]"
         same = r.get("same_tokens_as_baseline")
         note = "" if same is None else ("  greedy tokens = the baseline's" if same else "  greedy tokens differ from the baseline's")
-        lines.append(f"{_config(r):>7} {r['contender']:>12} {cell:>25} {t['median'] / base:>6.2f}{note}")
+        lines.append(
+            f"{_config(r):>7} {r['contender']:>12} {_cell(r['one_token_ms'], 21)} {_cell(r['all_tokens_ms'], 21)} "
+            f"{_rate(r['decode_tokens_per_s']):>15} {_ratio(r['decode_tokens_per_s'], base['decode_tokens_per_s']):>6} "
+            f"{r['generate_tokens_per_s']:>15.1f} {r['generate_tokens_per_s'] / base['generate_tokens_per_s']:>6.2f}{note}"
+        )
     return "\n".join(lines)
 
 
@@ -196,11 +217,14 @@ def format_markdown(report: dict) -> str:
         if not gpu:
             out += ["", f"GPU busy % and kernels per prefill: {_not_measured(s)}."]
     for d in report.get("decode", []):
-        base = d["rows"][0]["tokens_per_s"]["median"]
+        base = d["rows"][0]
         out += ["", f"**decode, batch {d['batch']}** ({d['description']}):", "",
-                "| config | contender | tokens/s | × |", "|---|---|---|---|"]
+                f"| config | contender | generate 1 token ms | generate {d['new_tokens']} tokens ms | decode tokens/s | × | "
+                "generate tokens/s | × |", "|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
-            out.append(f"| {_config(r)} | {r['contender']} | {r['tokens_per_s']['median']:.1f} | {r['tokens_per_s']['median'] / base:.2f}× |")
+            out.append(f"| {_config(r)} | {r['contender']} | {r['one_token_ms']['median_ms']:.1f} | {r['all_tokens_ms']['median_ms']:.1f} | "
+                       f"{_rate(r['decode_tokens_per_s'])} | {_ratio(r['decode_tokens_per_s'], base['decode_tokens_per_s'])}× | "
+                       f"{r['generate_tokens_per_s']:.1f} | {r['generate_tokens_per_s'] / base['generate_tokens_per_s']:.2f}× |")
     out += ["", *(f"* {line}" for line in report["summary"])]
     if report["warnings"]:
         out += ["", "Warnings of this run:", "", *(f"* {line}" for line in report["warnings"])]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +14,7 @@ from .contenders import BenchSetup
 from .decode import run_decode
 from .render import format_markdown, format_report, plot_report, report_summary, report_warnings
 from .scenarios import build_scenarios, pruning_module_alone, run_scenario
-from .settings import ReportSettings
+from .settings import ReportPlan, ReportSettings
 
 
 def report_stem(preset: str, device: torch.device, dtype_name: str, batch: int, mixed_batch: int, serving_batch: int = 0,
@@ -23,9 +24,12 @@ def report_stem(preset: str, device: torch.device, dtype_name: str, batch: int, 
             + (f"-serving{serving_batch}" if serving_batch else "") + "".join(f"-decode{b}" for b in decode_batches))
 
 
-def run_report(settings: ReportSettings) -> dict:
-    """Build the preset, time every scenario, print the tables, write JSON, markdown and PNG."""
-    plan = settings.validate()
+def run_report(settings: ReportSettings, plan: Optional[ReportPlan] = None) -> dict:
+    """Build the preset, time every scenario, print the tables, write JSON, markdown and PNG.
+
+    ``plan``: what ``settings.validate()`` returned, when the caller has validated them already.
+    """
+    plan = settings.validate() if plan is None else plan
     preset, device = plan.preset, plan.device
     say = print if settings.progress else (lambda *a, **k: None)
     say(f"[1/3] building preset {preset.name!r} on {device} in {plan.dtype_name}: {preset.description}")

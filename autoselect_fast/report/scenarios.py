@@ -48,7 +48,7 @@ class Scenario:
                    request_visual_tokens(engine, requests))
 
 
-def run_scenario(setup: Optional[BenchSetup], scenario: Scenario, settings: ReportSettings, bar,
+def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings, bar,
                  contenders: Optional[dict[str, Callable[..., Contender]]] = None) -> dict:
     """Time every configuration interleaved (one run of each per round), then compute ratios to the baseline.
 
@@ -76,7 +76,7 @@ def run_scenario(setup: Optional[BenchSetup], scenario: Scenario, settings: Repo
             "llm_tokens": c.llm_tokens,
             "stages": stages,
             "prefill_flops": c.flops(),
-            "gpu": kernel_profile(c.run, setup.device if setup is not None else torch.device("cpu"), stages["total"]["median_ms"]),
+            "gpu": kernel_profile(c.run, torch.device(settings.device), stages["total"]["median_ms"]),
         })
     base = rows[0]
     for r in rows:
