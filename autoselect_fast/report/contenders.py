@@ -101,7 +101,7 @@ def engine_contender(setup: BenchSetup, requests: list[Request], keep: Keep) -> 
     def run():
         clock = Stopwatch(setup.device)
         with clock.stage("total"):  # from the requests to the logits: everything the caller waits for
-            out = engine.prefill(requests)
+            out = engine.prefill(requests, timings=True)
         ms = {stage: out.timings_ms[stage] for stage in ENGINE_STAGES}
         ms["total"] = clock.ms["total"]
         ms["prepare"] = ms["total"] - sum(ms[stage] for stage in ENGINE_STAGES)

@@ -54,7 +54,7 @@ def engine_decoder(setup: BenchSetup, requests: list[Request], keep: Keep) -> De
     engine = setup.engine_for(keep)
 
     def generate(n: int) -> list[list[int]]:
-        return engine.generate(requests, max_new_tokens=n)
+        return engine.generate(requests, max_new_tokens=n).token_ids
 
     return Decoder("engine", keep, generate)
 

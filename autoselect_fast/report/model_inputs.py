@@ -14,19 +14,18 @@ import torch
 from torch import Tensor
 
 from ..engine import PreparedBatch
+from ..placeholders import expand
 
 
 def expanded_sequences(batch: PreparedBatch, image_token_id: int) -> list[list[int]]:
     """Each request's token ids with every image placeholder expanded to the image's slots, as the
-    model's processor writes them."""
+    model's processor writes them (the engine's placeholder rule, :func:`autoselect_fast.placeholders.expand`)."""
     sequences = []
     for r, (s, e) in enumerate(zip(batch.text_cu_seqlens[:-1].tolist(), batch.text_cu_seqlens[1:].tolist())):
-        text, seq, done = batch.text_ids[s:e].tolist(), [], 0
-        for i in batch.images_of(r):
-            a = int(batch.insert_at[i])
-            seq += text[done:a] + [image_token_id] * batch.layouts[i].num_slots
-            done = a
-        sequences.append(seq + text[done:])
+        images = batch.images_of(r)
+        insert_at = [int(batch.insert_at[i]) for i in images]
+        spans = [batch.layouts[i].num_slots for i in images]
+        sequences.append(expand(batch.text_ids[s:e], insert_at, spans, image_token_id).tolist())
     return sequences
 
 
