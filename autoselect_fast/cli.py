@@ -31,10 +31,6 @@ from . import preflight
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
-
-
 def _dtype_arg(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise argparse.ArgumentTypeError(f"must be one of {sorted(DTYPES)}, got {name!r}")
@@ -42,42 +38,26 @@ def _dtype_arg(name: str) -> torch.dtype:
 
 
 def run_pruning_benchmark(args: argparse.Namespace) -> dict:
-    from .modules import Scorer, ScorerConfig
-    from .ops import resolve_backend, select
-    from .timing import environment, gpu_timeline_ms, measure
+    from .ops import resolve_backend
+    from .report import published_pruning_inputs, pruning_calls, time_pruning_module
+    from .timing import environment
 
     if args.keep > args.tokens:
         raise preflight.UsageError(f"--keep {args.keep}: the image has N = --tokens {args.tokens} visual tokens; allowed: 1 <= K <= {args.tokens}")
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = ScorerConfig(input_dim=args.dim)
-    scorer = Scorer(config).to(device=device, dtype=args.dtype).eval()
-    features = torch.randn(args.batch * args.tokens, args.dim, device=device, dtype=args.dtype)
-    cu_seqlens = torch.arange(0, args.batch + 1, device=device, dtype=torch.int64) * args.tokens
-
+    scorer, features = published_pruning_inputs(args.batch, args.tokens, args.dim, device=device, dtype=args.dtype)
     backend = resolve_backend("auto", device)  # the engine's choice: Triton kernels on CUDA, reference on CPU
-
-    @torch.inference_mode()
-    def pruning_module():
-        scores = scorer(features, cu_seqlens)
-        return select(scores, features, args.keep, cu_seqlens, max_seqlen=args.tokens, backend=backend)
-
-    @torch.inference_mode()
-    def scorer_only():
-        return scorer(features, cu_seqlens)
-
+    calls = pruning_calls(scorer, features, [args.keep] * args.batch, backend=backend)
+    config = scorer.config
     print(f"pruning module: batch {args.batch} x N={args.tokens} tokens of width {args.dim}, keep K={args.keep}, {args.dtype}, {device}")
     print(f"  Scorer of the published size: {config.num_layers} blocks, width {config.hidden_dim}, {config.num_heads} heads "
           f"(the `bench` presets use smaller Scorers scaled with their models, so their pruning times are smaller)")
-    total = measure(pruning_module, device=device, warmup=args.warmup, repeats=args.repeats)
-    scoring = measure(scorer_only, device=device, warmup=args.warmup, repeats=args.repeats)
-    print(f"  Scorer + selection : {total}   (selection backend: {backend})")
-    print(f"  Scorer alone       : {scoring}")
-    timeline = {}
-    if device.type == "cuda":  # the GPU's own time per call, as inside a served model's CUDA graph
-        for name, fn in (("pruning_module", pruning_module), ("scorer_only", scorer_only)):
-            ms, how = gpu_timeline_ms(fn)
-            timeline[name] = {"ms": ms, "method": how}
+    timed = time_pruning_module(calls, device=device, warmup=args.warmup, repeats=args.repeats)
+    total, scoring = timed["pruning_module"], timed["scorer_only"]
+    print(f"  Scorer + selection : {_timing_line(total)}   (selection backend: {backend})")
+    print(f"  Scorer alone       : {_timing_line(scoring)}")
+    timeline = timed.get("gpu_timeline", {})
+    if timeline:  # the GPU's own time per call, as inside a served model's CUDA graph
         print(f"  GPU timeline       : Scorer + selection {timeline['pruning_module']['ms']:.3f} ms, "
               f"Scorer alone {timeline['scorer_only']['ms']:.3f} ms ({timeline['pruning_module']['method']})")
     result = {
@@ -85,8 +65,8 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         "environment": environment(device),
         "shape": {"batch": args.batch, "tokens": args.tokens, "dim": args.dim, "keep": args.keep},
         "dtype": str(args.dtype),
-        "pruning_module": total.as_dict(),
-        "scorer_only": scoring.as_dict(),
+        "pruning_module": total,
+        "scorer_only": scoring,
         "selection_backend": backend,
         **({"gpu_timeline": timeline} if timeline else {}),
     }
@@ -97,43 +77,44 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_report_command(args: argparse.Namespace) -> dict:
-    from .presets import get_preset
-    from .report import ReportSettings, run_report, supports_serving
+def _timing_line(t: dict) -> str:
+    return f"{t['median_ms']:.3f} ms (min {t['min_ms']:.3f}, max {t['max_ms']:.3f}, n={t['repeats']})"
 
-    preset = get_preset(args.preset)
-    say = print if not args.quiet else (lambda *a, **k: None)
-    skeleton = None  # the preset's model on the meta device: shapes only, built once if needed
-    if args.keep:
-        skeleton = preflight.preset_skeleton(preset)
-        n = preflight.preset_visual_tokens(preset, skeleton)
-        preflight.check_budgets(args.keep, n, what=f"preset {preset.name!r}", allow_all=False)
-    low, high = args.mixed_text
-    if not 2 <= low <= high:
-        raise preflight.UsageError(f"--mixed-text {low} {high}: need 2 <= LOW <= HIGH text tokens per prompt")
-    if args.serving_batch and not supports_serving(preset):
-        raise preflight.UsageError(f"--serving-batch {args.serving_batch}: preset {preset.name!r} has fixed-size images; the serving "
-                                   "scenario needs a Qwen2.5-VL preset (or --serving-batch 0)")
-    dtype_name = args.dtype or preset.default_dtype
-    if args.device.type == "cpu":
-        keeps = args.keep or list(preset.default_keeps)
-        seconds, flops = preflight.estimate_report_seconds(
-            preset, keeps, dtype=_dtype(dtype_name), batch=args.batch, warmup=args.warmup, repeats=args.repeats, skeleton=skeleton,
-            serving_batch=args.serving_batch,
-        )
-        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {dtype_name} matmul speed)"
-        if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
-            raise preflight.UsageError(
-                f"--preset {preset.name} on the CPU would take {estimate}; above {preflight.CPU_FORCE_THRESHOLD_FLOPS / 1e12:.0f} TFLOPs "
-                f"this is meant for a GPU. Add --force to run it anyway, or use --preset default"
-            )
-        say(f"estimated run time on this CPU: {estimate}")
+
+# The command-line flag of each report setting, for errors found by ReportSettings.validate.
+_REPORT_FLAGS = {"preset": "--preset", "keeps": "--keep", "device": "--device", "dtype": "--dtype", "batch": "--batch",
+                 "mixed_batch": "--mixed-batch", "mixed_text": "--mixed-text", "serving_batch": "--serving-batch",
+                 "decode_batches": "--decode-batch", "decode_tokens": "--decode-tokens", "warmup": "--warmup", "repeats": "--repeats"}
+
+
+def run_report_command(args: argparse.Namespace) -> dict:
+    from .report import ReportSettings, SettingError, run_report
+
     settings = ReportSettings(
         preset=args.preset, keeps=args.keep, device=str(args.device), dtype=args.dtype, batch=args.batch,
         mixed_batch=args.mixed_batch, mixed_text=tuple(args.mixed_text), serving_batch=args.serving_batch,
+        decode_batches=args.decode_batch, decode_tokens=args.decode_tokens,
         warmup=args.warmup, repeats=args.repeats, out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet,
     )
-    return run_report(settings)
+    try:
+        plan = settings.validate()
+    except SettingError as exc:  # the same message, with the flag's name
+        value = " ".join(map(str, exc.value)) if isinstance(exc.value, (list, tuple)) else exc.value
+        raise preflight.UsageError(f"{_REPORT_FLAGS.get(exc.setting, exc.setting)} {value}: {exc.allowed}") from None
+    say = print if not args.quiet else (lambda *a, **k: None)
+    if plan.device.type == "cpu":
+        seconds, flops = preflight.estimate_report_seconds(
+            plan.preset, plan.keeps, dtype=plan.dtype, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
+            skeleton=plan.skeleton, serving_batch=plan.serving_batch,
+        )
+        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {plan.dtype_name} matmul speed)"
+        if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
+            raise preflight.UsageError(
+                f"--preset {plan.preset.name} on the CPU would take {estimate}; above {preflight.CPU_FORCE_THRESHOLD_FLOPS / 1e12:.0f} TFLOPs "
+                f"this is meant for a GPU. Add --force to run it anyway, or use --preset default"
+            )
+        say(f"estimated run time on this CPU: {estimate}")
+    return run_report(settings, plan)
 
 
 def run_generate_command(args: argparse.Namespace) -> dict:
@@ -252,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests in the serving scenario (images of mixed resolutions, prompts of mixed lengths; transformers' "
                             "padded batch, the engine with every token and at keep ratios 1/3, 2/9, 1/9); default: the preset's, "
                             "16 for the Qwen2.5-VL presets, none for LLaVA (0: skip it)")
+    bench.add_argument("--decode-batch", type=_int_at_least(1), nargs="*", default=[], metavar="B",
+                       help="batch sizes of the decode scenario: tokens/s of the engine's generate against transformers' generate "
+                            "on B requests, greedy (default: none; 1 8 on a GPU is the usual pair)")
+    bench.add_argument("--decode-tokens", type=_int_at_least(2), default=16, metavar="N",
+                       help="new tokens per request in the decode scenario (default 16)")
     bench.add_argument("--warmup", type=_int_at_least(0), default=2, help="untimed prefills per configuration before timing (default 2)")
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON, markdown tables and PNG go")

@@ -65,7 +65,7 @@ def _print_answer(label: str, result: dict, progress: bool) -> None:
     print(f"{label}: {result['answer']!r}")
     print(f"  kept {result['kept_tokens']} of {result['visual_tokens']} visual tokens; LLM prefill over {result['sequence_length']} tokens")
     print(
-        f"  ms: vision {t['vision']:.1f} | pruning {t['prune']:.1f} | glue {t['pack']:.1f} | LLM prefill {t['prefill']:.1f} "
+        f"  ms: vision {t['vision']:.1f} | pruning {t['prune']:.1f} | pack {t['pack']:.1f} | LLM prefill {t['prefill']:.1f} "
         f"| TTFT {t['ttft']:.1f} | prompt preparation + decoding of {n_new} token(s) {t['rest']:.1f} | total {t['wall']:.1f}"
     )
 

@@ -4,17 +4,18 @@
     pytest bench/bench_pruning.py --benchmark-disable   # only checks that it runs (CI)
 
 Shape: LLaVA-1.5, one image of N = 576 tokens of width d_v = 1024, K = 64, the published Scorer
-(2 blocks, width 1024, 16 heads). Cases: the Scorer alone, selection alone (reference path, and the
-Triton kernel on CUDA), and the whole module through the engine's selection dispatch (``ops.select``).
-Compare rows of one run; benchmarks never assert timings. The end-to-end view (pruning inside TTFT)
-is ``autoselect-fast bench``.
+(2 blocks, width 1024, 16 heads). Cases: the Scorer alone and the whole module, both as
+``autoselect_fast.report.pruning`` builds them (the one home of this benchmark, shared with
+``autoselect-fast pruning`` and the report), and selection alone (reference path, and the Triton
+kernel on CUDA). Compare rows of one run; benchmarks never assert timings. The end-to-end view
+(pruning inside TTFT) is ``autoselect-fast bench``.
 """
 import pytest
 import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
-from autoselect_fast.modules import Scorer, ScorerConfig
+from autoselect_fast.report import published_pruning_inputs, pruning_calls
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N, D, K = 576, 1024, 64
@@ -25,18 +26,16 @@ def _group(device):
 
 
 def _inputs(device):
-    torch.manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    scorer = Scorer(ScorerConfig(input_dim=D)).to(device=device, dtype=dtype).eval()
-    features = torch.randn(N, D, device=device, dtype=dtype)
+    scorer, (features,) = published_pruning_inputs(1, N, D, device=device, dtype=dtype)
     return scorer, features
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_scorer_alone(timed, device):
     scorer, features = _inputs(device)
-    scores = timed(device, lambda: scorer(features), _group(device))
-    assert scores.shape == (N,)
+    scores = timed(device, pruning_calls(scorer, [features], [K])["scorer_only"], _group(device))
+    assert scores.shape == (N,) and torch.equal(scores, scorer(features).float())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,5 +57,5 @@ def test_selection_triton(timed):
 @pytest.mark.parametrize("device", DEVICES)
 def test_pruning_module(timed, device):
     scorer, features = _inputs(device)
-    sel = timed(device, lambda: ops.select(scorer(features), features, K), _group(device))
-    assert sel.indices.shape == (K,)
+    sel = timed(device, pruning_calls(scorer, [features], [K])["pruning_module"], _group(device))
+    assert torch.equal(sel.indices, R.select_tokens(scorer(features).detach().float(), features, K).indices)

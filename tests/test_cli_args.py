@@ -22,7 +22,6 @@ def no_model(monkeypatch):
         raise AssertionError("a model was built before the arguments were checked")
 
     monkeypatch.setattr(presets, "build_model", refuse)
-    monkeypatch.setattr(report, "build_model", refuse)
     monkeypatch.setattr(modules.Scorer, "__init__", refuse)
     monkeypatch.setattr(local_checkpoint.LocalCheckpoint, "load_model", refuse)
 
@@ -86,7 +85,7 @@ def test_full_size_preset_on_cpu_needs_force(monkeypatch, capsys, no_model):
     assert "135.4 TFLOPs of prefills" in line and "Add --force to run it anyway" in line
 
     seen = {}
-    monkeypatch.setattr(report, "run_report", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(report, "run_report", lambda settings, plan: seen.setdefault("settings", settings))
     assert cli.main(["bench", "--preset", "llava-1.5-7b", "--device", "cpu", "--force", "--keep", "100", "50"]) == 0
     assert seen["settings"].keeps == [100, 50] and seen["settings"].preset == "llava-1.5-7b"
     assert "estimated run time on this CPU: about" in capsys.readouterr().out
@@ -95,7 +94,7 @@ def test_full_size_preset_on_cpu_needs_force(monkeypatch, capsys, no_model):
 def test_cpu_sized_presets_need_no_force_even_on_a_slow_cpu(monkeypatch, capsys):
     monkeypatch.setattr(preflight, "matmul_flops_per_second", lambda dtype, **kw: 1e9)  # a very busy machine
     seen = {}
-    monkeypatch.setattr(report, "run_report", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(report, "run_report", lambda settings, plan: seen.setdefault("settings", settings))
     assert cli.main(["bench", "--preset", "default", "--device", "cpu"]) == 0
     assert seen["settings"].keeps == [] and "estimated run time on this CPU: about" in capsys.readouterr().out
 

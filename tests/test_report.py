@@ -14,9 +14,10 @@ from PIL import Image
 
 from autoselect_fast import presets, report as R
 from autoselect_fast.cli import main
-from autoselect_fast.engine import Request
+from autoselect_fast.engine import ImageInput, Request
 from autoselect_fast.modules import Scorer, ScorerConfig
 from autoselect_fast.report import ReportSettings, format_report, run_report
+from autoselect_fast.report.profile import NOT_MEASURED, busy_time
 from autoselect_fast.timing import is_noisy, summarize
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -90,28 +91,25 @@ def _fake_contender(name, keep, totals, prefill_share, flops):
 
     def run():
         total = next(samples)
-        return {"vision": 0.1 * total, "prune": 0.0, "pack": 0.0, "prefill": prefill_share * total, "total": total}, None
+        return {"prepare": 0.0, "vision": 0.1 * total, "prune": 0.0, "pack": 0.0, "prefill": prefill_share * total, "total": total}, None
 
     return R.Contender(name, keep, run, lambda: flops, [10], 10)
 
 
-def test_speedups_suspect_and_noisy_flags(monkeypatch):
+def test_speedups_suspect_and_noisy_flags():
     """Ratios against the first configuration; a speedup above the FLOP ratio is suspect; max/min > threshold is noisy."""
     fakes = {
         "base": lambda s, r, k: _fake_contender("base", None, [100.0, 100.0, 100.0], 0.8, 1000),
         "honest": lambda s, r, k: _fake_contender("honest", k, [50.0, 50.0, 50.0], 0.5, 400),  # ttft 2x, flops 2.5x
         "suspect": lambda s, r, k: _fake_contender("suspect", k, [10.0, 20.0, 10.0], 0.5, 500),  # ttft 10x vs flops 2x
     }
-    monkeypatch.setattr(R, "CONTENDERS", fakes)
-    scenario = R.Scenario("single", "fake", [Request([1])], [("base", None), ("honest", 4), ("suspect", 4)])
+    scenario = R.Scenario("single", "fake", [Request([1])], [("base", None), ("honest", 4), ("suspect", 4)], text_tokens=[1], visual_tokens=[0])
 
     class Bar:
         def update(self, n): pass
         def set_postfix_str(self, s): pass
 
-    monkeypatch.setattr(R, "_text_tokens", lambda setup, req: 1)
-    monkeypatch.setattr(R, "_visual_tokens", lambda setup, reqs: [0] * len(reqs))
-    out = R.run_scenario(None, scenario, ReportSettings(warmup=1, repeats=2), Bar())
+    out = R.run_scenario(None, scenario, ReportSettings(warmup=1, repeats=2), Bar(), contenders=fakes)
     base, honest, suspect = out["rows"]
     assert base["speedup"] == {"ttft": 1.0, "prefill": 1.0, "flops_ratio": 1.0} and base["suspect"] == [] and base["noisy"] == []
     assert honest["speedup"]["ttft"] == pytest.approx(2.0) and honest["speedup"]["prefill"] == pytest.approx(3.2)
@@ -137,7 +135,7 @@ def test_mixed_lengths_and_file_names():
 
 def test_report_on_tiny_preset(tmp_path):
     report = run_report(ReportSettings(preset="tiny", keeps=[8, 2], device="cpu", warmup=0, repeats=1, mixed_batch=2,
-                                       mixed_text=(4, 20), out_dir=str(tmp_path), progress=False))
+                                       mixed_text=(4, 20), decode_batches=[1], decode_tokens=3, out_dir=str(tmp_path), progress=False))
     single, mixed = report["scenarios"]
     assert [(r["contender"], r["keep"]) for r in single["rows"]] == [
         ("transformers", None), ("engine", None), ("peers", None), ("engine", 8), ("peers", 8), ("engine", 2), ("peers", 2)]
@@ -155,19 +153,31 @@ def test_report_on_tiny_preset(tmp_path):
     padded = {r["contender"]: r["llm_tokens"] for r in mixed["rows"] if r["keep"] is None}
     assert padded == {"transformers": 2 * (20 + 16), "engine": (4 + 16) + (20 + 16)}
     assert [p["keep"] for p in report["pruning_module_alone"]] == [8, 2]
-    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2.json").read_text())
+    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and saved["dtype"] == "fp32"
     assert saved["baseline"].startswith("transformers: unmodified LlavaForConditionalGeneration.forward (attn_implementation=sdpa")
-    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2.md").read_text()
-    assert markdown.count("| config | contender |") == 2 and "| K=2 | engine |" in markdown
+    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.md").read_text()
+    assert markdown.count("| config | contender | LLM seq |") == 2 and "| K=2 | engine |" in markdown
     assert any(line.startswith("single: engine K=2: prefill") for line in saved["summary"])
+    assert [(r["contender"], r["keep"]) for r in saved["decode"][0]["rows"]] == [("transformers", None), ("engine", None), ("engine", 2)]
+    assert any(line.startswith("decode batch 1: engine K=2: decode ") for line in saved["summary"]) and "**decode, batch 1**" in markdown
     text = format_report(saved)
-    assert "legend:" in text and "glue" in text and "FLOP x" in text and "% padding" in text and "K=2" in text
+    assert "legend:" in text and "pack" in text and "glue" not in text and "FLOP x" in text and "% padding" in text and "K=2" in text
+    assert "GPU busy % and kernels per prefill: not measured" in text and "| prepare ms |" in markdown and "| pack ms |" in markdown
+    for r in single["rows"]:  # TTFT counts every stage: the engine's host preparation included
+        stages = r["stages"]
+        assert set(stages) == set(R.STAGES) and r["gpu"] == {"measured": False, "reason": NOT_MEASURED}
+        if r["contender"] == "transformers":
+            assert stages["prepare"]["median_ms"] == 0.0
+        else:
+            assert stages["prepare"]["median_ms"] > 0
+        parts = sum(stages[stage]["median_ms"] for stage in R.STAGES[:-1])
+        assert parts == pytest.approx(stages["total"]["median_ms"], rel=1e-6)  # one repeat: medians are the samples
 
 
 def test_keep_not_below_n_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="keep must be below the image's N = 16"):
+    with pytest.raises(R.SettingError, match=r"keeps 16: preset 'tiny' has N = 16 visual tokens; allowed: 1 <= K <= 15 \(K = 16 is the full model"):
         run_report(ReportSettings(preset="tiny", keeps=[16], device="cpu", out_dir=str(tmp_path), progress=False))
 
 
@@ -181,7 +191,7 @@ def test_preset_that_does_not_fit_is_a_clear_message(monkeypatch, capsys):
 def test_unknown_preset_and_dtype_are_rejected():
     with pytest.raises(ValueError, match="preset must be one of"):
         presets.get_preset("llava-70b")
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(R.SettingError, match="dtype 'fp8': allowed: bf16, fp16, fp32"):
         run_report(ReportSettings(preset="tiny", dtype="fp8", device="cpu", progress=False))
 
 
@@ -201,15 +211,91 @@ def test_flop_counter_counts_grouped_query_and_varlen_attention_per_query_head()
     """torch 2.11's own CUDA SDPA formulas reject grouped-query shapes (the Qwen2.5-VL-7B report crashed
     on an H200), and torch counts neither its CPU flash kernel nor the varlen custom op: the report maps
     all of them to one per-query-head formula."""
-    from autoselect_fast.report import _flop_counter, _sdpa_flops, _varlen_flops
+    from autoselect_fast.report.flops import flop_counter, sdpa_flops, varlen_flops
 
-    registry = _flop_counter().flop_registry
+    registry = flop_counter().flop_registry
     aten = torch.ops.aten
     for op in (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
                aten._scaled_dot_product_flash_attention):
         assert op in registry, op
     # Q: 28 heads, K/V: 4 heads (GQA); per query head 2 * Lq * Lk * (d + dv).
-    assert _sdpa_flops((1, 28, 10, 64), (1, 4, 12, 64), (1, 4, 12, 64)) == 2 * 28 * 10 * 12 * 128
+    assert sdpa_flops((1, 28, 10, 64), (1, 4, 12, 64), (1, 4, 12, 64)) == 2 * 28 * 10 * 12 * 128
     q, k = torch.zeros(7 + 3, 28, 64), torch.zeros(7 + 3, 4, 64)
     cu = torch.tensor([0, 7, 10])
-    assert _varlen_flops(q, k, k, cu, cu, 7, 7) == 2 * 28 * (7 * 7 + 3 * 3) * 128
+    assert varlen_flops(q, k, k, cu, cu, 7, 7) == 2 * 28 * (7 * 7 + 3 * 3) * 128
+
+
+def test_two_image_llava_request_through_the_baseline(tiny_setup):
+    """A request with two images (and one with one, after it): the unmodified model's inputs expand
+    every placeholder, so its logits equal the engine's with every token kept."""
+    one = R.synthetic_requests(tiny_setup.engine, tiny_setup.preset, 2, [6, 9])
+    image = tiny_setup.engine.adapter.image_token_id
+    two_images = Request(one[0].prompt + [7, 8, image, 9], images=[ImageInput(one[0].pixel_values), ImageInput(one[1].pixel_values)])
+    requests = [two_images, one[1]]
+    base = R.transformers_contender(tiny_setup, requests)
+    engine = R.engine_contender(tiny_setup, requests, None)
+    n = tiny_setup.engine.adapter.layout(None).num_tokens
+    assert base.sequence_lengths == engine.sequence_lengths == [6 + 3 + 2 * n, 9 + n]
+    torch.testing.assert_close(_logits(base), _logits(engine), **TOL)
+
+
+def test_pruning_module_alone_is_the_engines_prune_stage(tiny_setup):
+    """The one home of the pruning benchmark selects what the engine's prune stage selects."""
+    requests = R.synthetic_requests(tiny_setup.engine, tiny_setup.preset, 2, [5, 9])
+    engine = tiny_setup.engine_for(4)
+    batch = engine.prepare(requests)
+    features = engine.encode_images(batch.pixel_values, batch.image_sizes)
+    calls = R.pruning_calls(tiny_setup.scorer, features, [4, 4], positions=batch.token_positions)
+    got = calls["pruning_module"]()
+    want = engine.prune(features, [4, 4], positions=batch.token_positions)
+    assert torch.equal(got.indices, want.selection.indices) and torch.equal(got.position_ids, want.selection.position_ids)
+    torch.testing.assert_close(calls["scorer_only"](), want.scores)
+    timed = R.time_pruning_module(calls, device="cpu", warmup=0, repeats=2)
+    assert set(timed) == {"pruning_module", "scorer_only"} and timed["pruning_module"]["repeats"] == 2
+
+
+def test_decode_scenario_counts_tokens_per_second(tiny_setup):
+    """Greedy, the same number of new tokens: the engine with every token kept generates the tokens
+    transformers' generate does, and every rate is a positive number."""
+    class Bar:
+        def update(self, n): pass
+        def set_postfix_str(self, s): pass
+
+    out = R.run_decode(tiny_setup, 2, [4], ReportSettings(warmup=0, repeats=1, decode_tokens=3), Bar())
+    assert [(r["contender"], r["keep"]) for r in out["rows"]] == [("transformers", None), ("engine", None), ("engine", 4)]
+    assert out["rows"][1]["same_tokens_as_baseline"] is True and out["new_tokens"] == 3
+    for r in out["rows"]:
+        one, every = r["one_token_ms"]["median_ms"], r["all_tokens_ms"]["median_ms"]
+        assert r["generate_tokens_per_s"] == pytest.approx(2 * 3 * 1e3 / every)
+        if every > one:  # decoding 2 more tokens per request took measurable time
+            assert r["decode_tokens_per_s"] == pytest.approx(2 * 2 * 1e3 / (every - one))
+        else:  # a busy machine can hide it: then no number is made up
+            assert r["decode_tokens_per_s"] is None
+    text = R.format_decode(out)
+    assert "decode batch 2" in text and "greedy tokens = the baseline's" in text and "generate 3 tokens" in text
+
+
+def test_gpu_profile_is_not_faked_on_cpu():
+    assert R.kernel_profile(lambda: None, torch.device("cpu"), 1.0) == {"measured": False, "reason": NOT_MEASURED}
+    assert busy_time([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0  # overlapping kernels count once
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(preset="llava-70b"), "preset 'llava-70b': allowed: "),
+    (dict(batch=0), "batch 0: allowed: an int >= 1"),
+    (dict(warmup=True), "warmup True: allowed: an int >= 0"),
+    (dict(mixed_text=(1, 20)), r"mixed_text \(1, 20\): allowed: \(low, high\)"),
+    (dict(serving_ratios=(0.5, 1.0)), "serving_ratios 1.0: allowed: keep ratios r with 0 < r < 1"),
+    (dict(decode_batches=[0]), "decode_batches 0: allowed: batch sizes >= 1"),
+    (dict(decode_tokens=1), "decode_tokens 1: allowed: an int >= 2"),
+    (dict(keeps=[4, 0]), "keeps 0: allowed: ints K >= 1"),
+])
+def test_settings_are_checked_before_any_model(change, message, monkeypatch):
+    monkeypatch.setattr(presets, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(R.SettingError, match=message):
+        ReportSettings(**{"preset": "tiny", "device": "cpu", **change}).validate()
+
+
+def test_settings_plan():
+    plan = ReportSettings(preset="tiny", keeps=[2, 8, 2], device="cpu", mixed_batch=0).validate()
+    assert plan.keeps == [8, 2] and plan.visual_tokens == 16 and plan.mixed_batch == 0 and plan.dtype == torch.float32

@@ -39,11 +39,11 @@ def _logits(contender):
 
 def test_serving_scenario_mixes_image_sizes_and_prompt_lengths(qwen_setup, serving):
     assert len(serving.requests) == 16
-    n = R._visual_tokens(qwen_setup, serving.requests)
+    n = R.request_visual_tokens(qwen_setup.engine, serving.requests)
     assert len(set(n)) == 16, n  # every image its own resolution, so its own N_i
     assert min(n) >= 4 and max(n) <= 64  # inside the preset's min_pixels / max_pixels bounds (4..64 groups)
     assert n == R.serving_visual_tokens(qwen_setup.engine.adapter, qwen_setup.preset, 16)
-    text = [R._text_tokens(qwen_setup, r) for r in serving.requests]
+    text = [R.request_text_tokens(qwen_setup.engine, r) for r in serving.requests]
     assert sorted(text) == R.mixed_text_lengths(16, *R.SERVING_TEXT) and text != sorted(text)
     assert serving.configs == [("transformers", None), ("engine", None), ("engine", 1 / 3), ("engine", 2 / 9), ("engine", 1 / 9)]
 
@@ -63,8 +63,8 @@ def test_transformers_padded_batch_equals_engine_every_token(qwen_setup, serving
 
 
 def test_keep_ratio_budgets_and_flops(qwen_setup, serving):
-    n = R._visual_tokens(qwen_setup, serving.requests)
-    text = [R._text_tokens(qwen_setup, r) for r in serving.requests]
+    n = R.request_visual_tokens(qwen_setup.engine, serving.requests)
+    text = [R.request_text_tokens(qwen_setup.engine, r) for r in serving.requests]
     base = R.transformers_contender(qwen_setup, serving.requests)
     full = R.engine_contender(qwen_setup, serving.requests, None)
     flops = [base.flops(), full.flops()]
@@ -99,7 +99,7 @@ def test_report_with_serving_scenario(tmp_path):
 
 
 def test_serving_scenario_needs_a_native_resolution_preset(tmp_path):
-    with pytest.raises(ValueError, match="serving_batch=4: the serving scenario needs a native-resolution model"):
+    with pytest.raises(R.SettingError, match="serving_batch 4: preset 'tiny' has fixed-size images; the serving scenario needs a native-resolution model"):
         run_report(ReportSettings(preset="tiny", device="cpu", serving_batch=4, out_dir=str(tmp_path), progress=False))
 
 

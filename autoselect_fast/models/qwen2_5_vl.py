@@ -81,6 +81,11 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return self.inner.visual
 
     @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype the vision tower takes its pixel values in."""
+        return self.tower.patch_embed.proj.weight.dtype
+
+    @property
     def feature_dim(self) -> int:
         return self.merge**2 * self.vision_hidden
 
@@ -194,7 +199,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         if not pixel_values:
             return []
         grids = [_grid_tuple(size) for size in image_sizes]
-        device, dtype = self.device, self.tower.patch_embed.proj.weight.dtype
+        device, dtype = self.device, self.vision_dtype
         grid_thw = torch.tensor(grids, dtype=torch.int64, device=device)
         hidden, window_index = self.pre_merger_states(torch.cat(list(pixel_values)).to(device=device, dtype=dtype), grid_thw)
         unit = self.merge**2
