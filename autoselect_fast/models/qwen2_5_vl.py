@@ -16,7 +16,7 @@ Facts this adapter relies on (DESIGN.md section 9, transformers 5.24 ``models/qw
   per block instead of transformers' per-window loop; window index, rotary tables and ``cu_seqlens``
   cached per grid).
 * Positions are M-RoPE ``(3, L)``: :meth:`Qwen2_5_VLAdapter.sequence_positions` applies the rule of the
-  model's ``get_rope_index`` vectorised, with a cached table per grid (equal to it, tested): text tokens
+  model's ``get_rope_index`` piece by piece, with a cached table per grid (equal to it, tested): text tokens
   ``arange + offset`` on all three rows, an image's tokens ``(t, row, col) + offset`` over its merged
   grid, and after an image the offset advances by ``max(h, w) / merge``.
 
@@ -32,6 +32,7 @@ follows each image's resolution. Videos are not supported yet (their placeholder
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -200,32 +201,34 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return self._rope_tables.get_or_build(grid, build)
 
     def sequence_positions(self, input_ids: Tensor, image_sizes: Sequence[Any]) -> Tensor:
-        """M-RoPE positions ``(3, L)`` of the full sequence: the rule of the model's ``get_rope_index``, vectorised.
+        """M-RoPE positions ``(3, L)`` of the full sequence: the rule of the model's ``get_rope_index``,
+        built from whole pieces (equal to it, tested).
 
-        Image i takes the next N_i image tokens (one run per image); its tokens get its cached table
-        plus the offset at its first token; a text token gets ``column - image tokens before it +
-        advances of the images before it`` on all three rows.
+        Image i takes the next N_i image tokens, as one run; its tokens are its cached table plus the
+        offset at its first token; each text piece is ``arange`` from the offset on all three rows.
         """
         input_ids = input_ids.view(-1).cpu()
         length = input_ids.numel()
         if not image_sizes:
             return torch.arange(length).view(1, -1).expand(3, -1).clone()
         tables = [self._rope_table(_grid_tuple(size)) for size in image_sizes]
-        counts = torch.tensor([table.shape[1] for table, _ in tables])
-        is_image = input_ids == self.image_token_id
-        image_columns = torch.nonzero(is_image)[:, 0]
-        if image_columns.numel() != int(counts.sum()):
-            raise ValueError(f"input_ids hold {image_columns.numel()} image tokens but the images' grids take {int(counts.sum())}")
-        ends = counts.cumsum(0)
-        firsts = image_columns[ends - counts]
-        if not torch.equal(image_columns[ends - 1] - firsts, counts - 1):
+        counts = [table.shape[1] for table, _ in tables]
+        image_columns = torch.nonzero(input_ids == self.image_token_id)[:, 0]
+        if image_columns.numel() != sum(counts):
+            raise ValueError(f"input_ids hold {image_columns.numel()} image tokens but the images' grids take {sum(counts)}")
+        ends = list(itertools.accumulate(counts))
+        firsts = image_columns[[e - n for e, n in zip(ends, counts)]].tolist()  # a host tensor: no device read
+        lasts = image_columns[[e - 1 for e in ends]].tolist()
+        if any(last - first != n - 1 for first, last, n in zip(firsts, lasts, counts)):
             raise ValueError("input_ids must hold each image's tokens as one run (images in order, N_i tokens each)")
-        advanced = torch.cat([counts.new_zeros(1), torch.tensor([adv for _, adv in tables]).cumsum(0)])  # (I+1,)
-        starts = firsts - (ends - counts) + advanced[:-1]  # text tokens before image i + advances before it
-        positions = torch.empty(3, length, dtype=torch.int64)
-        positions[:, image_columns] = torch.cat([table for table, _ in tables], dim=1) + starts.repeat_interleave(counts)
-        text_columns = torch.nonzero(~is_image)[:, 0]
-        images_before = torch.cumsum(is_image, 0)[text_columns]
-        done = torch.searchsorted(ends, images_before, right=True)  # images wholly before each text token
-        positions[:, text_columns] = text_columns - images_before + advanced[done]
-        return positions
+        pieces, offset, column = [], 0, 0
+        for (table, advance), first, n in zip(tables, firsts, counts):
+            if first > column:  # text before the image
+                pieces.append(torch.arange(offset, offset + first - column).expand(3, -1))
+                offset += first - column
+            pieces.append(table + offset)
+            offset += advance
+            column = first + n
+        if column < length:
+            pieces.append(torch.arange(offset, offset + length - column).expand(3, -1))
+        return torch.cat(pieces, dim=1)
