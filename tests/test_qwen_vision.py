@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.vision_utils import get_vision_window_index
 
 import autoselect_fast.models.qwen2_5_vl_vision as vision_module
 from autoselect_fast.attention import backend_unavailable_reason, varlen_attention
@@ -26,6 +25,12 @@ VISION = dict(depth=3, hidden_size=64, intermediate_size=96, num_heads=4, out_hi
 GRIDS = [(1, 16, 24), (1, 8, 8), (1, 20, 12)]
 PATCH_DIM = 3 * 2 * 14 * 14
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+def transformers_window_index(grids):
+    """transformers' own window index and window offsets (``transformers.vision_utils``, 5.24)."""
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    return vision_utils.get_vision_window_index(torch.tensor(grids), spatial_merge_size=2, window_size=84, patch_size=14)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +60,6 @@ def test_tower_equals_transformers_on_images_of_different_grids(model):
     tower = QwenVisionTower(model.model.visual)
     plan = tower.plan(GRIDS)
     # the cached per-grid metadata equals transformers' own index helper, several windows per image
-    window_index, cu_window = get_vision_window_index(torch.tensor(GRIDS), spatial_merge_size=2, window_size=84, patch_size=14)
-    assert torch.equal(plan.window_index, window_index)
-    assert torch.equal(plan.cu_window, cu_window)
     assert [len(tower.grid_metadata(g).window_lengths) for g in GRIDS] == [12, 4, 8]
     assert plan.cu_full.tolist() == [0, 384, 448, 688]
     assert (plan.max_window, plan.max_full) == (36, 384)
@@ -65,11 +67,29 @@ def test_tower_equals_transformers_on_images_of_different_grids(model):
         hidden = tower.forward(tower.pack(pixels, plan), plan)
         groups = tower.raster_groups(hidden, plan)
         merged = [model.model.visual.merger(g.reshape(-1, 64)) for g in groups]
-    torch.testing.assert_close(hidden, expected.last_hidden_state, **TOL)
-    raster = expected.last_hidden_state.view(-1, 4 * 64)[torch.argsort(window_index)]
-    torch.testing.assert_close(torch.cat(groups), raster, **TOL)
+    torch.testing.assert_close(hidden, expected.last_hidden_state, **TOL)  # window order
     assert [g.shape[0] for g in groups] == [96, 16, 60]
-    torch.testing.assert_close(torch.cat(merged), expected.pooler_output, **TOL)
+    torch.testing.assert_close(torch.cat(merged), expected.pooler_output, **TOL)  # raster order
+
+
+def test_grid_metadata_equals_transformers_window_index(model):
+    plan = QwenVisionTower(model.model.visual).plan(GRIDS)
+    window_index, cu_window = transformers_window_index(GRIDS)
+    assert torch.equal(plan.window_index, window_index)
+    assert torch.equal(plan.cu_window, cu_window)
+    assert not torch.equal(window_index, torch.arange(window_index.numel()))
+
+
+def test_tower_with_a_two_frame_grid(model):
+    """t > 1 (the adapter takes still images only, the tower's metadata follows transformers for any t)."""
+    grids = [(2, 8, 12), (1, 8, 8)]
+    pixels = patches_of(grids, seed=7)
+    tower = QwenVisionTower(model.model.visual)
+    plan = tower.plan(grids)
+    assert plan.cu_full.tolist() == [0, 96, 192, 256]  # one full-attention segment per frame
+    with torch.no_grad():
+        hidden = tower.forward(tower.pack(pixels, plan), plan)
+    torch.testing.assert_close(hidden, transformers_tower(model, pixels, grids).last_hidden_state, **TOL)
 
 
 def test_one_varlen_call_per_block(model, monkeypatch):
@@ -91,15 +111,16 @@ def test_adapter_encode_is_the_tower_in_raster_group_order(model):
     adapter = get_adapter(model)
     pixels = patches_of(GRIDS, seed=1)
     expected = transformers_tower(model, pixels, GRIDS)
-    window_index, _ = get_vision_window_index(torch.tensor(GRIDS), spatial_merge_size=2, window_size=84, patch_size=14)
     with torch.no_grad():
         features = adapter.encode(pixels, [torch.tensor(g) for g in GRIDS])
-        hidden, adapter_index = adapter.pre_merger_states(torch.cat(pixels), torch.tensor(GRIDS))
+        hidden, window_index = adapter.pre_merger_states(torch.cat(pixels), torch.tensor(GRIDS))
+    torch.testing.assert_close(hidden, expected.last_hidden_state, **TOL)
     raster = expected.last_hidden_state.view(-1, 4 * 64)[torch.argsort(window_index)]
     torch.testing.assert_close(torch.cat(features), raster, **TOL)
     assert [f.shape for f in features] == [(96, 256), (16, 256), (60, 256)]
-    torch.testing.assert_close(hidden, expected.last_hidden_state, **TOL)
-    assert torch.equal(adapter_index, window_index)
+    with torch.no_grad():
+        merged = adapter.project(torch.cat(features))
+    torch.testing.assert_close(merged, expected.pooler_output, **TOL)
 
 
 def test_metadata_is_cached_per_grid_and_bounded(model):

@@ -227,17 +227,14 @@ class QwenVisionTower:
         self.window_capacity = self.window_groups**2 * self.unit  # patches of a full window
         self.full_blocks = frozenset(int(i) for i in tower.fullatt_block_indexes)
         self._rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
-        self._inv_freq: Optional[Tensor] = None
+        # the rotary module's own buffer (as the model holds it, e.g. cast with the model), read once here
+        # rather than on the first encode (a device read on CUDA)
+        self._inv_freq = tower.rotary_pos_emb.inv_freq.detach().to("cpu", torch.float32)
         self._grids = LRU(grid_cache_size)
         self._plans = LRU(plan_cache_size)
         self._device_tables = LRU(grid_cache_size)  # (grid, device) -> (cos, sin) on that device
 
     # -- host metadata --------------------------------------------------------------------------
-    def _inverse_frequencies(self) -> Tensor:
-        if self._inv_freq is None:  # one read of a model buffer, the first time a grid is seen
-            self._inv_freq = self.tower.rotary_pos_emb.inv_freq.detach().to("cpu", torch.float32)
-        return self._inv_freq
-
     def grid_metadata(self, grid) -> GridMetadata:
         """The cached :class:`GridMetadata` of ``grid`` (computed on the host the first time)."""
         grid = check_grid(grid, merge=self.merge)
@@ -260,7 +257,7 @@ class QwenVisionTower:
         # Rotary positions of every patch (row, col) in merge-group order, as get_vision_position_ids.
         hpos = torch.arange(h)[:, None].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).reshape(-1)
         wpos = torch.arange(w)[None, :].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).reshape(-1)
-        freqs = torch.stack([hpos, wpos], dim=-1)[..., None].float() * self._inverse_frequencies()  # (hw, 2, d/4)
+        freqs = torch.stack([hpos, wpos], dim=-1)[..., None].float() * self._inv_freq  # (hw, 2, d/4)
         half = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         angles = torch.cat([half, half], dim=-1)  # (hw, head_dim)
         angles = angles.view(frame_groups, self.unit, -1)[order].reshape(h * w, -1).repeat(t, 1)
