@@ -76,7 +76,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         self.patch_dim = int(vision.in_channels) * self.temporal_patch_size * self.patch_size**2
         self._layouts: dict[tuple[int, int, int], ImageLayout] = {}
         self._rope_tables = LRU(512)  # grid -> ((3, N) M-RoPE offsets of its tokens, advance after it)
-        self._vision = QwenVisionTower(self.tower, backend=self.vision_attention_backend)
+        self._vision: QwenVisionTower | None = None  # built on first use: the tower may still be on the meta device here
 
     @property
     def tower(self):
@@ -85,7 +85,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     @property
     def vision(self) -> QwenVisionTower:
         """The tower run with one varlen attention call per block (its caches live as long as the adapter)."""
-        if self._vision.tower is not self.tower or self._vision.backend != self.vision_attention_backend:
+        if self._vision is None or self._vision.tower is not self.tower or self._vision.backend != self.vision_attention_backend:
             self._vision = QwenVisionTower(self.tower, backend=self.vision_attention_backend)
         return self._vision
 

@@ -13,9 +13,11 @@ implementation but flash-attn, and rebuilds its window index, rotary tables and 
   ``cu_seqlens`` of the windows for windowed blocks, of whole frames for ``fullatt_block_indexes``.
   The merger is not run here (the adapter merges kept groups only).
 * **Metadata depends only on the grid.** :class:`GridMetadata` (window permutation of the merge groups,
-  window lengths, rotary cos/sin in window order) is computed on the host once per grid ``(t, h, w)``
+  window lengths, rotary positions in window order) is computed on the host once per grid ``(t, h, w)``
   and cached (bounded LRU); a batch's :class:`VisionPlan` concatenates the cached entries with their
-  offsets and is cached per (grids, bucket, device) as well.
+  offsets, copies them to the device once and turns the positions into the rotary cos/sin tables there
+  with the rotary module's own ``inv_freq`` (transformers' arithmetic, on the model's device: no read of
+  the buffer on the host). Plans are cached per (grids, bucket, device).
 * **Capture-friendly.** Given a plan, :meth:`QwenVisionTower.forward` reads nothing from the device on
   the host: ``max_seqlen`` values are Python ints of the plan, index tensors live on the device, and
   the SDPA reference backend gets the plan's host copy of the offsets.
@@ -81,15 +83,14 @@ class GridMetadata:
         window_index: ``(G,)`` int64; slot j of the window order holds raster merge group ``window_index[j]``.
         window_lengths: patches of each (non-empty) window, in window order.
         frame_lengths: patches of each frame (``t`` entries of ``h * w``): the full-attention segments.
-        cos, sin: ``(P, head_dim)`` float32 rotary tables of the patches in window order.
+        positions: ``(P, 2)`` int64 rotary (row, col) of the patches in window order.
     """
 
     grid: Grid
     window_index: Tensor
     window_lengths: tuple[int, ...]
     frame_lengths: tuple[int, ...]
-    cos: Tensor
-    sin: Tensor
+    positions: Tensor
 
     @property
     def patches(self) -> int:
@@ -227,12 +228,8 @@ class QwenVisionTower:
         self.window_capacity = self.window_groups**2 * self.unit  # patches of a full window
         self.full_blocks = frozenset(int(i) for i in tower.fullatt_block_indexes)
         self._rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
-        # the rotary module's own buffer (as the model holds it, e.g. cast with the model), read once here
-        # rather than on the first encode (a device read on CUDA)
-        self._inv_freq = tower.rotary_pos_emb.inv_freq.detach().to("cpu", torch.float32)
         self._grids = LRU(grid_cache_size)
         self._plans = LRU(plan_cache_size)
-        self._device_tables = LRU(grid_cache_size)  # (grid, device) -> (cos, sin) on that device
 
     # -- host metadata --------------------------------------------------------------------------
     def grid_metadata(self, grid) -> GridMetadata:
@@ -257,11 +254,8 @@ class QwenVisionTower:
         # Rotary positions of every patch (row, col) in merge-group order, as get_vision_position_ids.
         hpos = torch.arange(h)[:, None].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).reshape(-1)
         wpos = torch.arange(w)[None, :].expand(h, w).reshape(gh, m, gw, m).transpose(1, 2).reshape(-1)
-        freqs = torch.stack([hpos, wpos], dim=-1)[..., None].float() * self._inv_freq  # (hw, 2, d/4)
-        half = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
-        angles = torch.cat([half, half], dim=-1)  # (hw, head_dim)
-        angles = angles.view(frame_groups, self.unit, -1)[order].reshape(h * w, -1).repeat(t, 1)
-        return GridMetadata(grid, window_index, window_lengths, (h * w,) * t, angles.cos(), angles.sin())
+        positions = torch.stack([hpos, wpos], dim=-1).view(frame_groups, self.unit, 2)[order].reshape(h * w, 2).repeat(t, 1)
+        return GridMetadata(grid, window_index, window_lengths, (h * w,) * t, positions)
 
     # -- batch plans ----------------------------------------------------------------------------
     def plan(self, grids: Sequence, device=None, bucket: Optional[PatchBucket] = None) -> VisionPlan:
@@ -329,7 +323,8 @@ class QwenVisionTower:
         window_index = torch.cat(pieces)
         cu_window = _offsets(windows)
         cu_full = _offsets(frames)
-        cos, sin = self._batch_tables(metas, device, patches - real)
+        positions = torch.cat([m.positions for m in metas] + [torch.zeros(patches - real, 2, dtype=torch.int64)])
+        cos, sin = self._rotary_tables(to_device(positions, device))
         return VisionPlan(
             grids=grids, patches=patches, real_patches=real, group_counts=tuple(m.groups for m in metas),
             window_index=to_device(window_index, device), raster_index=to_device(torch.argsort(window_index), device),
@@ -338,18 +333,14 @@ class QwenVisionTower:
             cos=cos, sin=sin, bucket=bucket,
         )
 
-    def _batch_tables(self, metas: list[GridMetadata], device: torch.device, padding: int) -> tuple[Tensor, Tensor]:
-        """The batch's rotary tables on ``device``: each grid's cached device copy, concatenated there."""
-        def on_device(meta: GridMetadata):
-            return self._device_tables.get_or_build(
-                (meta.grid, str(device)), lambda: (to_device(meta.cos, device), to_device(meta.sin, device)))
-
-        tables = [on_device(m) for m in metas]
-        cos, sin = [t[0] for t in tables], [t[1] for t in tables]
-        if padding:  # position 0: cos 1, sin 0 (any finite value would do)
-            cos.append(torch.ones(padding, self.head_dim, device=device))
-            sin.append(torch.zeros(padding, self.head_dim, device=device))
-        return torch.cat(cos), torch.cat(sin)
+    def _rotary_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(P, 2)`` positions on the device -> float32 ``(cos, sin)`` ``(P, head_dim)``: transformers'
+        ``Qwen2_5_VLVisionRotaryEmbedding`` arithmetic with its own buffer (padding rows, position 0: cos 1, sin 0)."""
+        inv_freq = self.tower.rotary_pos_emb.inv_freq.to(device=positions.device, dtype=torch.float32)
+        freqs = positions[..., None].float() * inv_freq  # (P, 2, head_dim / 4)
+        half = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        angles = torch.cat([half, half], dim=-1)
+        return angles.cos(), angles.sin()
 
     # -- device ---------------------------------------------------------------------------------
     def forward(self, patches: Tensor, plan: VisionPlan) -> Tensor:
