@@ -2,7 +2,10 @@
 
 This module owns the attention the engine's packed prefill runs (DESIGN.md section 5): several
 requests are concatenated into one sequence of T tokens, ``cu_seqlens`` marks where each request
-starts, and every token attends causally to the tokens of its own request only.
+starts, and every token attends causally to the tokens of its own request only. The same op with
+``causal=False`` is the bidirectional attention of a vision tower over packed windows or images
+(``autoselect_fast.models.qwen2_5_vl_vision``). Segments may be empty (zero-length padding segments
+that keep ``cu_seqlens`` at a fixed length, as the CUDA varlen kernels allow).
 
 Backends, in order of preference for ``backend="auto"``:
 
@@ -53,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import INT_DTYPES, check_choice, check_cu_seqlens, check_tensor
+from ._validation import INT_DTYPES, check_choice, check_tensor
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 # transformers attention-implementation name of each backend.
@@ -143,8 +146,9 @@ def varlen_attention(
     *,
     scale: Optional[float] = None,
     backend: str = "auto",
+    causal: bool = True,
 ) -> Tensor:
-    """Causal attention within each segment of a packed batch.
+    """Causal (or, with ``causal=False``, bidirectional) attention within each segment of a packed batch.
 
     Args:
         query: ``(Tq, Hq, d)``; key, value: ``(Tk, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA).
@@ -152,6 +156,7 @@ def varlen_attention(
         max_seqlen_q / max_seqlen_k: longest segment (computed when omitted; pass them to avoid a sync).
         scale: softmax scale, default ``d ** -0.5``.
         backend: one of :data:`ATTENTION_BACKENDS`.
+        causal: ``False`` lets every query see every key of its segment (a vision tower's attention).
     Returns:
         ``(Tq, Hq, d)`` in the dtype of ``query``.
     """
@@ -165,6 +170,8 @@ def varlen_attention(
             f"got {tuple(query.shape)} and {tuple(key.shape)}"
         )
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INT_DTYPES)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=INT_DTYPES)
@@ -177,13 +184,25 @@ def varlen_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(backend, query.device, query.dtype)
     if chosen == "flash_attn":
-        return _flash_attn(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)
+        return _flash_attn(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal)
     if chosen == "torch_varlen":
-        return _torch_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)
-    return _sdpa_segments(query, key, value, cu_seqlens_q, cu_seqlens_k, scale)
+        return _torch_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal)
+    return _sdpa_segments(query, key, value, cu_seqlens_q, cu_seqlens_k, scale, causal)
 
 
-def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+def _segment_bounds(cu: Tensor, total: int, name: str) -> list[int]:
+    """``cu`` as a host list (a read of the offsets): cu[0] = 0, non-decreasing, cu[-1] = ``total``;
+    empty segments allowed, as the CUDA kernels allow them."""
+    bounds = cu.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at the number of tokens ({total}), got {bounds[:3]}...{bounds[-2:]} ({len(bounds)} entries)")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got segment lengths {lengths}")
+    return bounds
+
+
+def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float, causal: bool = True) -> Tensor:
     """One ``scaled_dot_product_attention`` per segment, on 4-D ``(1, H, L, d)`` views (no copies).
 
     Why 4-D: torch 2.13 on CPU dispatches 3-D ``(H, L, d)`` inputs to the slow "math" kernel
@@ -191,10 +210,11 @@ def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k
     ``_scaled_dot_product_flash_attention_for_cpu``, which also takes GQA (``enable_gqa``) and a
     boolean mask without expanding K/V. The flash kernels also need a unit stride on ``d``.
     On CUDA the call is restricted to the fused kernels (:func:`_no_math_sdpa`), so an input they
-    cannot take raises instead of silently running the math kernel.
+    cannot take raises instead of silently running the math kernel. Empty segments are skipped; the
+    offsets are read on the host (pass host ``cu`` tensors to avoid a device read).
     """
-    bounds_q = check_cu_seqlens(cu_q, query.shape[0], name="cu_seqlens_q").tolist()
-    bounds_k = check_cu_seqlens(cu_k, key.shape[0], name="cu_seqlens_k").tolist()
+    bounds_q = _segment_bounds(cu_q, query.shape[0], "cu_seqlens_q")
+    bounds_k = _segment_bounds(cu_k, key.shape[0], "cu_seqlens_k")
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     gqa = query.shape[1] != key.shape[1]
     segments = len(bounds_q) - 1
@@ -203,10 +223,16 @@ def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k
         for b in range(segments):
             qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
             lq, lk = qe - qs, ke - ks
-            if lq > lk:
+            if causal and lq > lk:
                 raise ValueError(f"segment {b} has {lq} queries but only {lk} keys; causal varlen attention needs Lq <= Lk")
+            if lq == 0:
+                continue
+            if lk == 0:
+                raise ValueError(f"segment {b} has {lq} queries and no keys; every non-empty query segment needs keys")
             q, k, v = (t[s:e].transpose(0, 1)[None] for t, s, e in ((query, qs, qe), (key, ks, ke), (value, ks, ke)))  # (1, H, L, d)
-            if lq == lk:
+            if not causal:
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+            elif lq == lk:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             else:  # bottom-right aligned causal mask, as FlashAttention
                 mask = torch.arange(lq, device=q.device)[:, None] + (lk - lq) >= torch.arange(lk, device=q.device)[None, :]
@@ -215,7 +241,7 @@ def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k
             if out is None:
                 return o
             out[qs:qe] = o
-    return out
+    return torch.empty_like(query) if out is None else out  # None: one empty segment
 
 
 @contextmanager
@@ -238,12 +264,12 @@ def _no_math_sdpa(device: torch.device):
         ) from exc
 
 
-def _flash_attn(query, key, value, cu_q, cu_k, max_q, max_k, scale):
+def _flash_attn(query, key, value, cu_q, cu_k, max_q, max_k, scale, causal=True):
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(
         query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-        dropout_p=0.0, softmax_scale=scale, causal=True,
+        dropout_p=0.0, softmax_scale=scale, causal=causal,
     )
 
 
@@ -252,13 +278,13 @@ def _torch_varlen_params() -> frozenset:
     return frozenset(inspect.signature(_torch_varlen_fn()).parameters)
 
 
-def _torch_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale):
+def _torch_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale, causal=True):
     fn, params = _torch_varlen_fn(), _torch_varlen_params()
     kwargs = {"scale": scale}
-    if "window_size" in params:  # torch >= 2.10
-        kwargs["window_size"] = (-1, 0)
+    if "window_size" in params:  # torch >= 2.10: (-1, 0) causal, (-1, -1) no window
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     elif "is_causal" in params:  # torch 2.9
-        kwargs["is_causal"] = True
+        kwargs["is_causal"] = causal
     else:
         raise RuntimeError(f"torch {torch.__version__}: varlen_attn has neither window_size nor is_causal; cannot ask it for causal attention")
     if query.shape[1] != key.shape[1]:

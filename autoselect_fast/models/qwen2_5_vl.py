@@ -11,10 +11,14 @@ Facts this adapter relies on (DESIGN.md section 9, transformers 5.24 ``models/qw
   the Scorer reads them concatenated, d_v = merge² · C.
 * The merger (RMSNorm per patch, ``view(-1, merge²·C)``, MLP) works per group, so only the kept groups
   are merged (:meth:`Qwen2_5_VLAdapter.project`). :meth:`Qwen2_5_VLAdapter.encode` runs the tower's
-  own patch embedding, rotary embedding and blocks for all images of a batch in one pass and stops
-  before the merger.
-* Positions are M-RoPE ``(3, L)``: :meth:`Qwen2_5_VLAdapter.sequence_positions` is the model's own
-  ``get_rope_index`` on the full (unpruned) sequence.
+  own patch embedding and blocks for all images of a batch in one pass and stops before the merger,
+  through :class:`~autoselect_fast.models.qwen2_5_vl_vision.QwenVisionTower` (one varlen attention call
+  per block instead of transformers' per-window loop; window index, rotary tables and ``cu_seqlens``
+  cached per grid).
+* Positions are M-RoPE ``(3, L)``: :meth:`Qwen2_5_VLAdapter.sequence_positions` applies the rule of the
+  model's ``get_rope_index`` piece by piece, with a cached table per grid (equal to it, tested): text tokens
+  ``arange + offset`` on all three rows, an image's tokens ``(t, row, col) + offset`` over its merged
+  grid, and after an image the offset advances by ``max(h, w) / merge``.
 
 * For ``autoselect-fast show`` and training data: the processor resizes an image with ``smart_resize``
   (sides multiples of ``patch·merge`` = 28 px, pixel count within its limits), so
@@ -28,6 +32,7 @@ follows each image's resolution. Videos are not supported yet (their placeholder
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
 from .base import ImageLayout, TokenRegions, VLMAdapter
+from .qwen2_5_vl_vision import LRU, QwenVisionTower
 
 
 def _grid_tuple(image_size) -> tuple[int, int, int]:
@@ -57,17 +63,11 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
         return (Qwen2_5_VLForConditionalGeneration,)
 
+    #: Vision attention backend (``autoselect_fast.attention.ATTENTION_BACKENDS``); "auto" picks by device and dtype.
+    vision_attention_backend = "auto"
+
     def __init__(self, model):
         super().__init__(model)
-        try:  # the tower's own index helpers, used by pre_merger_states
-            from transformers.vision_utils import get_vision_window_index  # noqa: F401
-        except ImportError as exc:
-            import transformers
-
-            raise ImportError(
-                f"Qwen2.5-VL support needs transformers.vision_utils (transformers 5.24, pinned in requirements.txt); "
-                f"installed: transformers {transformers.__version__}"
-            ) from exc
         vision = self.config.vision_config
         self.merge = int(vision.spatial_merge_size)
         self.patch_size = int(vision.patch_size)
@@ -75,6 +75,8 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         self.vision_hidden = int(vision.hidden_size)
         self.patch_dim = int(vision.in_channels) * self.temporal_patch_size * self.patch_size**2
         self._layouts: dict[tuple[int, int, int], ImageLayout] = {}
+        self._rope_tables = LRU(512)  # grid -> ((3, N) M-RoPE offsets of its tokens, advance after it)
+        self._vision: QwenVisionTower | None = None  # built on first use: the tower may still be on the meta device here
 
     @property
     def tower(self):
@@ -84,6 +86,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     def vision_dtype(self) -> torch.dtype:
         """The dtype the vision tower takes its pixel values in."""
         return self.tower.patch_embed.proj.weight.dtype
+
+    @property
+    def vision(self) -> QwenVisionTower:
+        """The tower run with one varlen attention call per block (its caches live as long as the adapter)."""
+        if self._vision is None or self._vision.tower is not self.tower or self._vision.backend != self.vision_attention_backend:
+            self._vision = QwenVisionTower(self.tower, backend=self.vision_attention_backend)
+        return self._vision
 
     @property
     def feature_dim(self) -> int:
@@ -167,45 +176,18 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     def pre_merger_states(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
         """The vision tower up to (not including) the merger: ``(hidden (ΣP, C) in window order, window_index)``.
 
-        The tower's own submodules and transformers' own index helpers, in the tower's order; equal to
-        the tower's ``last_hidden_state`` (tested), without merging every group.
+        ``pixel_values`` ``(ΣP, patch_dim)`` of the images in ``grid_thw`` order; equal to the tower's
+        ``last_hidden_state`` (tested), without merging every group.
         """
-        from transformers.utils.generic import get_max_seqlen
-        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
-
-        tower = self.tower
-        position_ids = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
-        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, tower.config)
-        window_index, cu_window = get_vision_window_index(
-            grid_thw, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
-        )
-        max_window = get_max_seqlen(cu_window, tower.config, kwarg_name="max_window_seqlen")
-        hidden = tower.patch_embed(pixel_values)
-        seq_len = hidden.shape[0]
-        hidden = tower.permute_input_for_window_attn(hidden, window_index, seq_len=seq_len)
-        rotary = tower.rotary_pos_emb(hidden, position_ids)
-        rotary = tuple(tower.permute_input_for_window_attn(f, window_index, seq_len=seq_len) for f in rotary)
-        for layer, block in enumerate(tower.blocks):
-            full = layer in tower.fullatt_block_indexes
-            hidden = block(
-                hidden,
-                cu_seqlens=cu_seqlens if full else cu_window,
-                max_seqlen=max_seqlen if full else max_window,
-                position_embeddings=rotary,
-            )
-        return hidden, window_index
+        grids = [_grid_tuple(g) for g in grid_thw.tolist()]
+        vision = self.vision
+        plan = vision.plan(grids)
+        return vision.forward(vision.pack([pixel_values], plan), plan), plan.window_index
 
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
         if not pixel_values:
             return []
-        grids = [_grid_tuple(size) for size in image_sizes]
-        device, dtype = self.device, self.vision_dtype
-        grid_thw = torch.tensor(grids, dtype=torch.int64, device=device)
-        hidden, window_index = self.pre_merger_states(torch.cat(list(pixel_values)).to(device=device, dtype=dtype), grid_thw)
-        unit = self.merge**2
-        raster = torch.argsort(window_index.to(device))  # window order -> raster order of the groups
-        groups = hidden.view(-1, unit, hidden.shape[-1])[raster].reshape(-1, unit * hidden.shape[-1])
-        return list(groups.split([t * h * w // unit for t, h, w in grids]))
+        return self.vision.encode(list(pixel_values), [_grid_tuple(size) for size in image_sizes])
 
     def project(self, features: Tensor) -> Tensor:
         """``(K, merge²·C)`` pre-merger groups -> ``(K, H)``: the model's merger on the kept groups only."""
@@ -214,12 +196,44 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return merger(features.to(dtype).reshape(-1, self.vision_hidden))
 
     # -- sequences ------------------------------------------------------------------------------
+    def _rope_table(self, grid: tuple[int, int, int]) -> tuple[Tensor, int]:
+        """``((3, N) positions of an image's tokens relative to the offset, advance of the offset after it)``."""
+        def build():
+            t, h, w = grid
+            axes = torch.meshgrid(torch.arange(t), torch.arange(h // self.merge), torch.arange(w // self.merge), indexing="ij")
+            return torch.stack(axes).reshape(3, -1), max(h, w) // self.merge
+
+        return self._rope_tables.get_or_build(grid, build)
+
     def sequence_positions(self, input_ids: Tensor, image_sizes: Sequence[Any]) -> Tensor:
-        """The model's own ``get_rope_index`` on the full sequence: ``(3, L)``."""
+        """M-RoPE positions ``(3, L)`` of the full sequence: the rule of the model's ``get_rope_index``,
+        built from whole pieces (equal to it, tested).
+
+        Image i takes the next N_i image tokens, as one run; its tokens are its cached table plus the
+        offset at its first token; each text piece is ``arange`` from the offset on all three rows.
+        """
         input_ids = input_ids.view(-1).cpu()
+        length = input_ids.numel()
         if not image_sizes:
-            return torch.arange(input_ids.numel()).view(1, -1).expand(3, -1).clone()
-        is_image = (input_ids == self.image_token_id).to(torch.int32)
-        grid_thw = torch.tensor([_grid_tuple(size) for size in image_sizes], dtype=torch.int64)
-        positions, _ = self.inner.get_rope_index(input_ids[None], mm_token_type_ids=is_image[None], image_grid_thw=grid_thw)
-        return positions[:, 0].to(torch.int64)
+            return torch.arange(length).view(1, -1).expand(3, -1).clone()
+        tables = [self._rope_table(_grid_tuple(size)) for size in image_sizes]
+        counts = [table.shape[1] for table, _ in tables]
+        image_columns = torch.nonzero(input_ids == self.image_token_id)[:, 0]
+        if image_columns.numel() != sum(counts):
+            raise ValueError(f"input_ids hold {image_columns.numel()} image tokens but the images' grids take {sum(counts)}")
+        ends = list(itertools.accumulate(counts))
+        firsts = image_columns[[e - n for e, n in zip(ends, counts)]].tolist()  # a host tensor: no device read
+        lasts = image_columns[[e - 1 for e in ends]].tolist()
+        if any(last - first != n - 1 for first, last, n in zip(firsts, lasts, counts)):
+            raise ValueError("input_ids must hold each image's tokens as one run (images in order, N_i tokens each)")
+        pieces, offset, column = [], 0, 0
+        for (table, advance), first, n in zip(tables, firsts, counts):
+            if first > column:  # text before the image
+                pieces.append(torch.arange(offset, offset + first - column).expand(3, -1))
+                offset += first - column
+            pieces.append(table + offset)
+            offset += advance
+            column = first + n
+        if column < length:
+            pieces.append(torch.arange(offset, offset + length - column).expand(3, -1))
+        return torch.cat(pieces, dim=1)
