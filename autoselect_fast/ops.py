@@ -62,7 +62,7 @@ _MAX_SEED = 2**63 - 1
 _MAX_COUNTER = 2**32  # the VP gate's Philox counters are 32-bit (the same stream on every Triton 3.x)
 # Per-image statistics the Soft Top-K forward saves for its backward: kernels/soft_topk.py's layout
 # (mean, rstd, λ). The fake implementation needs the shape; opcheck in the tests compares it.
-SOFT_TOPK_STATS = 3
+SOFT_TOPK_STATS = 4
 
 
 # --------------------------------------------------------------------------------------------------
