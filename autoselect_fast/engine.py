@@ -37,11 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_choice, to_device
+from ._validation import check_choice
 from .attention import ATTENTION_BACKENDS, install_dispatch, resolve_backend, varlen_call
+from .budget import check_budget_args, image_budget
 from .models import ImageLayout, VLMAdapter, get_adapter
 from .packing import PackedBatch
-from .reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
+from .ragged import cu_seqlens_from_lengths, segment_bounds, to_device
+from .reference import POSITION_MODES, Selection
 from .timing import Stopwatch
 
 SELECTION_BACKENDS = ("auto", "ops", "reference")
@@ -515,7 +517,7 @@ class AutoSelectEngine:
         scorer.check_input_dim(self.adapter.feature_dim)
         self.device = self.adapter.device
         self.scorer = scorer.to(self.device).eval()
-        reference.check_budget_args(keep, keep_ratio, required=False)
+        check_budget_args(keep, keep_ratio, required=False)
         self.keep, self.keep_ratio = keep, keep_ratio
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
@@ -543,7 +545,7 @@ class AutoSelectEngine:
     # ---------------------------------------------------------------------------------------------
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
-        return reference.image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
+        return image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
 
     # ---------------------------------------------------------------------------------------------
     # Stage 1: host-side preparation
@@ -781,7 +783,7 @@ class AutoSelectEngine:
         """
         rows = self.adapter.position_rows
         text_parts, visual_parts = [], [None] * batch.num_images
-        for r, (s, e) in enumerate(reference.segment_bounds(batch.text_cu_seqlens)):
+        for r, (s, e) in enumerate(segment_bounds(batch.text_cu_seqlens)):
             images = batch.images_of(r)
             insert_at = [int(batch.insert_at[i]) for i in images]
             if self.position_mode == "original":
@@ -941,7 +943,7 @@ class AutoSelectEngine:
         """Packed (1, Hkv, T, d) keys/values -> a left-padded (B, Hkv, L_max, d) DynamicCache + 2-D mask."""
         from transformers import DynamicCache
 
-        bounds = reference.segment_bounds(cu_seqlens)
+        bounds = segment_bounds(cu_seqlens)
         longest = max(e - s for s, e in bounds)
         mask = torch.zeros(len(bounds), longest, dtype=torch.int64, device=self.device)
         for r, (s, e) in enumerate(bounds):

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from ._validation import DTYPES
 from .engine import AutoSelectEngine, PreparedBatch, Request
 from .modules import Scorer
 from .presets import Preset, build_model, get_preset
@@ -62,7 +63,6 @@ SERVING_RATIOS = (1 / 3, 2 / 9, 1 / 9)
 SERVING_TEXT = (10, 120)
 # Aspect ratios (width / height) the serving scenario's images cycle through.
 SERVING_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 1 / 2)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "transformers"
 # A speedup more than this factor above the FLOP ratio is flagged: less work cannot explain it.
 SUSPECT_MARGIN = 1.05

@@ -25,6 +25,7 @@ from autoselect_fast import ops, packing
 from autoselect_fast import reference as R
 from autoselect_fast._validation import VALIDATE_ENV, resolve_validate
 from autoselect_fast.ops import selection
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 HOST_READ_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero")
@@ -440,7 +441,7 @@ def test_max_seqlen_from_the_host_gives_the_same_selection_and_mask(backend):
     lengths = [7, 19, 3]
     scores = torch.randn(sum(lengths), generator=gen)
     feats = torch.randn(sum(lengths), 5, generator=gen)
-    cu = R.cu_seqlens_from_lengths(lengths)
+    cu = cu_seqlens_from_lengths(lengths)
     budgets = [2, 5, 3]
     plain = ops.select(scores, feats, budgets, cu, backend=backend)
     sized = ops.select(scores, feats, budgets, cu, max_seqlen=max(lengths), backend=backend)
@@ -453,7 +454,7 @@ def test_max_seqlen_from_the_host_gives_the_same_selection_and_mask(backend):
 
 def test_max_seqlen_errors():
     scores = torch.randn(26)
-    cu = R.cu_seqlens_from_lengths([7, 19])
+    cu = cu_seqlens_from_lengths([7, 19])
     with pytest.raises(ValueError, match="max_seqlen must be at least the longest image's token count \\(19\\), got 10"):
         ops.select(scores, None, [2, 2], cu, max_seqlen=10, validate=True)
     with pytest.raises(ValueError, match="max_seqlen must be an int >= 1"):
