@@ -31,7 +31,10 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training", "autoselect_fast.vllm_plugin"]
+PACKAGES = [
+    "autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.ops", "autoselect_fast.training",
+    "autoselect_fast.vllm_plugin",
+]
 CSRC = "csrc"
 
 

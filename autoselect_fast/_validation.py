@@ -13,8 +13,7 @@ Two kinds of checks (see README, "Kernels and dispatch"):
   functions below run them only when called with ``validate=True``; :func:`resolve_validate` gives
   ``autoselect_fast.ops`` its default. The reference path always validates.
 
-This module also owns :func:`to_device`, the copy of small host-built index tensors (budgets, offsets)
-to the device without a synchronisation.
+It also holds ``DTYPES``, the one table of the dtype names the CLI and settings accept.
 """
 from __future__ import annotations
 
@@ -26,10 +25,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .ragged import single_segment_cu, to_device
+
 IntOrTensor = Union[int, Sequence[int], Tensor]
 VALIDATE_ENV = "AUTOSELECT_FAST_VALIDATE"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtype names of the command line, the presets and the settings files.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -76,27 +79,6 @@ def resolve_validate(validate: Optional[bool], device: torch.device) -> bool:
     if from_env is not None:
         return from_env
     return device.type == "cpu"
-
-
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host tensor to ``device`` without blocking: pinned staging + ``non_blocking``.
-
-    A plain ``.to("cuda")`` of pageable memory is a synchronous copy (``torch.cuda.set_sync_debug_mode``
-    reports it); pinned memory lets the copy run on the stream while the host goes on. The caching
-    host allocator keeps the pinned buffer alive until the copy has finished.
-    """
-    device = torch.device(device)
-    if host.device.type == device.type and (device.index is None or host.device == device):
-        return host
-    if device.type == "cuda" and host.device.type == "cpu" and not torch.compiler.is_compiling():
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def single_segment_cu(total: int, device=None) -> Tensor:
-    """``[0, total]`` int64 on ``device`` (one non-blocking copy)."""
-    host = torch.tensor([0, total], dtype=torch.int64)
-    return host if device is None else to_device(host, device)
 
 
 def check_same_device(**tensors: Tensor) -> None:

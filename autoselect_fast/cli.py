@@ -27,8 +27,7 @@ import sys
 import torch
 
 from . import preflight
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ._validation import DTYPES
 
 
 def _dtype_arg(name: str) -> torch.dtype:

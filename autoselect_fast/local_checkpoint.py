@@ -19,13 +19,12 @@ from typing import Any, Optional
 
 import torch
 
+from .budget import image_budget
 from .models import VLMAdapter, get_adapter, supported_model_classes
 from .modules import CONFIG_NAME, Scorer
 from .preflight import UsageError, check_budgets, meta_model, visual_tokens_of_image
 from .progress import heartbeat
-from .reference import image_budget
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

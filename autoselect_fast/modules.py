@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._validation import check_cu_seqlens, check_tensor, resolve_validate
-from .reference import flat_to_padded, lengths_from_cu_seqlens
+from .ragged import lengths_from_cu_seqlens, packed_to_padded
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -162,7 +162,7 @@ class Scorer(_Checkpointable):
         if cu.numel() == 2:  # one image: no padding needed
             return self._score_padded(features[None], None)[0]
         lengths = lengths_from_cu_seqlens(cu)
-        padded = flat_to_padded(features, cu)
+        padded = packed_to_padded(features, cu)
         key_mask = torch.arange(padded.shape[1], device=features.device)[None, :] < lengths[:, None]
         return self._score_padded(padded, key_mask)[key_mask]
 

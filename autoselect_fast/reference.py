@@ -1,12 +1,14 @@
-"""The reference path: AutoSelect's math in plain PyTorch (DESIGN.md sections 2 and 3).
+"""The reference path: AutoSelect's math in plain PyTorch (docs/design.md, "The math" and "Position ids").
 
 This module is the spec in code. Every kernel is tested against it, so it favours clarity over speed:
 each image (segment) is handled on its own in a Python loop, and all arithmetic runs in float64
 whatever the input dtype (results are cast back to the input dtype).
 
-Ragged batches use one convention everywhere: a flat tensor over all images' tokens, ``(ΣN,)`` or
+Ragged batches use one convention everywhere: a packed tensor over all images' tokens, ``(ΣN,)`` or
 ``(ΣN, d)``, plus ``cu_seqlens`` ``(B+1,)`` with ``cu_seqlens[0] = 0`` and ``cu_seqlens[-1] = ΣN``
-(``None`` means a single image). ``padded_to_flat``/``flat_to_padded`` convert to and from ``(B, N, ...)``.
+(``None`` means a single image); ``autoselect_fast.ragged`` holds the helpers for that layout. The
+budget policy (K per image) lives in ``autoselect_fast.budget``, the τ schedule in
+``autoselect_fast.training.schedule``.
 
 Contents:
   * ``normalize_scores``   z-score per image (population variance, eps = 1e-6)
@@ -15,7 +17,6 @@ Contents:
   * ``vp_gate``            variance-preserving noise gate √α·x + √(1-α)·ε
   * ``hard_topk_indices``  inference selection: top-K, ties to the lower index, sorted ascending
   * ``select_tokens``      gather of the kept rows plus their position ids (original / compact, 1-D / M-RoPE)
-  * ``tau_schedule``       cosine annealing of τ
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import ragged
 from ._validation import (
     FLOAT_DTYPES,
     IntOrTensor,
@@ -51,45 +53,6 @@ VP_GATE_CLAMP_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
-# Ragged-batch helpers
-# --------------------------------------------------------------------------------------------------
-def segment_bounds(cu_seqlens: Tensor) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of each segment, as Python ints."""
-    cu = cu_seqlens.tolist()
-    return list(zip(cu[:-1], cu[1:]))
-
-
-def lengths_from_cu_seqlens(cu_seqlens: Tensor) -> Tensor:
-    return cu_seqlens[1:] - cu_seqlens[:-1]
-
-
-def cu_seqlens_from_lengths(lengths: Tensor | list[int]) -> Tensor:
-    lengths = torch.as_tensor(lengths, dtype=torch.int64)
-    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-
-
-def padded_to_flat(padded: Tensor, lengths: Tensor | list[int] | None = None) -> tuple[Tensor, Tensor]:
-    """``(B, N, ...)`` -> flat ``(ΣN_b, ...)`` and ``cu_seqlens``; ``lengths`` defaults to N for all."""
-    check_tensor("padded", padded, ndim=(2, 3))
-    b, n = padded.shape[:2]
-    lengths = torch.full((b,), n, dtype=torch.int64) if lengths is None else torch.as_tensor(lengths, dtype=torch.int64).cpu()
-    if lengths.shape != (b,) or bool((lengths < 1).any()) or bool((lengths > n).any()):
-        raise ValueError(f"lengths must have shape ({b},) with 1 <= lengths <= {n}, got {lengths.tolist()}")
-    flat = torch.cat([padded[i, : int(lengths[i])] for i in range(b)])
-    return flat, cu_seqlens_from_lengths(lengths).to(padded.device)
-
-
-def flat_to_padded(flat: Tensor, cu_seqlens: Tensor, pad_value: float = 0.0) -> Tensor:
-    """Flat ``(ΣN, ...)`` -> ``(B, max N, ...)`` filled with ``pad_value`` past each segment's end."""
-    bounds = segment_bounds(cu_seqlens)
-    n_max = max(e - s for s, e in bounds)
-    out = flat.new_full((len(bounds), n_max, *flat.shape[1:]), pad_value)
-    for i, (s, e) in enumerate(bounds):
-        out[i, : e - s] = flat[s:e]
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------------
 def normalize_scores(scores: Tensor, cu_seqlens: Tensor | None = None, eps: float = NORM_EPS) -> Tensor:
@@ -100,7 +63,7 @@ def normalize_scores(scores: Tensor, cu_seqlens: Tensor | None = None, eps: floa
 
 def _normalize64(s: Tensor, cu: Tensor, eps: float) -> Tensor:
     parts = []
-    for start, end in segment_bounds(cu):
+    for start, end in ragged.segment_bounds(cu):
         seg = s[start:end]
         centred = seg - seg.mean()
         parts.append(centred / torch.sqrt((centred * centred).mean() + eps))
@@ -111,7 +74,7 @@ def _normalize64(s: Tensor, cu: Tensor, eps: float) -> Tensor:
 # Soft Top-K thresholds, one segment at a time (float64 inputs)
 # --------------------------------------------------------------------------------------------------
 def laplace_threshold(x: Tensor, k: int) -> float:
-    """λ with Σ_i F(x_i - λ) = k for the Laplace CDF F, by the closed form of DESIGN.md 2.3.
+    """λ with Σ_i F(x_i - λ) = k for the Laplace CDF F, by the closed form (docs/design.md, "Soft Top-K").
 
     Sorting x descending, the split m (number of x above λ) is the count of sorted points x_(j) with
     g(x_(j)) < k, where g(λ) = Σ F(x_i - λ) is strictly decreasing; g at every sorted point comes from
@@ -197,7 +160,7 @@ class SoftTopKFunction(torch.autograd.Function):
         alpha = torch.empty_like(x)
         lambdas = []
         solve = laplace_threshold if f == "laplace" else sigmoid_threshold
-        for i, (start, end) in enumerate(segment_bounds(cu_seqlens)):
+        for i, (start, end) in enumerate(ragged.segment_bounds(cu_seqlens)):
             lam = solve(x[start:end], int(k[i]))
             lambdas.append(lam)
             alpha[start:end] = 1.0 if lam == -math.inf else _cdf(x[start:end] - lam, f)
@@ -209,7 +172,7 @@ class SoftTopKFunction(torch.autograd.Function):
     def backward(ctx, grad_alpha: Tensor):  # type: ignore[override]
         x, cu_seqlens = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
-        for lam, (start, end) in zip(ctx.lambdas, segment_bounds(cu_seqlens)):
+        for lam, (start, end) in zip(ctx.lambdas, ragged.segment_bounds(cu_seqlens)):
             if lam == -math.inf:  # k = N: α ≡ 1, no gradient
                 continue
             log_fp = _log_density(x[start:end] - lam, ctx.f)
@@ -243,7 +206,7 @@ def soft_topk(
         α ``(ΣN,)`` in the dtype of ``scores``.
     """
     cu = check_scores(scores, cu_seqlens)
-    k_t = check_k(k, lengths_from_cu_seqlens(cu))
+    k_t = check_k(k, ragged.lengths_from_cu_seqlens(cu))
     tau = check_tau(tau)
     check_choice("f", f, SOFT_TOPK_FUNCTIONS)
     s = scores.double()
@@ -336,18 +299,18 @@ def hard_topk_indices(scores: Tensor, k: IntOrTensor, cu_seqlens: Tensor | None 
     Returns ``(indices (ΣK,) int64, kept_cu_seqlens (B+1,) int64)``.
     """
     cu = check_scores(scores, cu_seqlens)
-    k_t = check_k(k, lengths_from_cu_seqlens(cu))
+    k_t = check_k(k, ragged.lengths_from_cu_seqlens(cu))
     parts = []
-    for i, (start, end) in enumerate(segment_bounds(cu)):
+    for i, (start, end) in enumerate(ragged.segment_bounds(cu)):
         # A stable descending sort keeps equal scores in index order, so ties go to the lower index.
         order = torch.sort(scores[start:end].double(), descending=True, stable=True).indices
         parts.append(torch.sort(order[: int(k_t[i])]).values + start)
-    return torch.cat(parts), cu_seqlens_from_lengths(k_t.cpu()).to(scores.device)
+    return torch.cat(parts), ragged.cu_seqlens_from_lengths(k_t.cpu()).to(scores.device)
 
 
 def default_positions(cu_seqlens: Tensor) -> Tensor:
     """Position ids 0..N_i-1 within each image: what an image alone in a sequence would carry."""
-    return torch.cat([torch.arange(e - s, device=cu_seqlens.device) for s, e in segment_bounds(cu_seqlens)])
+    return torch.cat([torch.arange(e - s, device=cu_seqlens.device) for s, e in ragged.segment_bounds(cu_seqlens)])
 
 
 def select_tokens(
@@ -384,60 +347,9 @@ def select_tokens(
         kept_positions = positions[..., indices]
     else:
         parts = []
-        for (start, _), (ks, ke) in zip(segment_bounds(cu), segment_bounds(kept_cu)):
+        for (start, _), (ks, ke) in zip(ragged.segment_bounds(cu), ragged.segment_bounds(kept_cu)):
             rank = torch.arange(ke - ks, device=scores.device)
             parts.append(positions[..., start : start + 1] + rank)
         kept_positions = torch.cat(parts, dim=-1)
     kept_features = None if features is None else features[indices]
     return Selection(indices=indices, features=kept_features, position_ids=kept_positions, cu_seqlens=kept_cu)
-
-
-# --------------------------------------------------------------------------------------------------
-# Budgets: K per image (one rule for the engine, the trainer and the CLI)
-# --------------------------------------------------------------------------------------------------
-def check_budget_args(keep: Optional[int], keep_ratio: Optional[float], *, required: bool) -> None:
-    """``keep`` (K per image, an int >= 1) or ``keep_ratio`` (a fraction of N in (0, 1]), never both;
-    ``required``: exactly one must be given (otherwise neither means every token)."""
-    if required and (keep is None) == (keep_ratio is None):
-        raise ValueError(f"give exactly one of keep (K per image) and keep_ratio, got keep={keep!r}, keep_ratio={keep_ratio!r}")
-    if keep is not None and keep_ratio is not None:
-        raise ValueError(f"give keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={keep_ratio!r})")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        neither = "" if required else " (or None to keep every token)"
-        raise ValueError(f"keep must be an int >= 1{neither}, got {keep!r}")
-    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
-        raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-
-
-def image_budget(num_tokens: int, keep: Optional[int] = None, keep_ratio: Optional[float] = None, *,
-                 clip: bool = False, where: Optional[str] = None) -> int:
-    """K for an image of N = ``num_tokens`` visual tokens (DESIGN: ``K = max(1, round(r·N))``).
-
-    A fixed ``keep > N`` is clipped to N when ``clip`` (models whose N follows the image's resolution),
-    else a ValueError naming ``where`` (default: "the image"). Neither given: every token.
-    """
-    if keep is not None:
-        if keep <= num_tokens:
-            return keep
-        if clip:
-            return num_tokens
-        tokens = f"the image's {num_tokens} visual tokens" if where is None else f"the {num_tokens} visual tokens of {where}"
-        raise ValueError(f"keep={keep} exceeds {tokens}; allowed: 1 <= keep <= {num_tokens}")
-    if keep_ratio is not None:
-        return max(1, round(keep_ratio * num_tokens))
-    return num_tokens
-
-
-# --------------------------------------------------------------------------------------------------
-# τ schedule
-# --------------------------------------------------------------------------------------------------
-def tau_schedule(step: int, total_steps: int, tau_start: float = 2.0, tau_end: float = 0.1) -> float:
-    """Cosine from ``tau_start`` (step 0) to ``tau_end`` (step >= total_steps)."""
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    check_tau(tau_start)
-    check_tau(tau_end)
-    progress = min(step, total_steps) / total_steps
-    return tau_end + 0.5 * (tau_start - tau_end) * (1.0 + math.cos(math.pi * progress))

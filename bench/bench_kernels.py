@@ -29,6 +29,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 from autoselect_fast.timing import environment, gpu_timeline_ms
 
 CASES = {
@@ -48,7 +49,7 @@ def _select(device, impl):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(c["batch"] * c["n"], generator=gen).to(c["dtype"]).to(device)
     features = torch.randn(c["batch"] * c["n"], c["d"], generator=gen).to(c["dtype"]).to(device)
-    cu = R.cu_seqlens_from_lengths([c["n"]] * c["batch"]).to(device)
+    cu = cu_seqlens_from_lengths([c["n"]] * c["batch"]).to(device)
     if impl == "reference":
         return lambda: R.select_tokens(scores, features, c["k"], cu)
     return lambda: ops.select(scores, features, c["k"], cu, backend="triton")
@@ -59,7 +60,7 @@ def _soft_topk(device, impl):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(c["batch"] * c["n"], generator=gen).to(c["dtype"]).to(device).requires_grad_(True)
     upstream = torch.randn(c["batch"] * c["n"], generator=gen).to(c["dtype"]).to(device)
-    cu = R.cu_seqlens_from_lengths([c["n"]] * c["batch"]).to(device)
+    cu = cu_seqlens_from_lengths([c["n"]] * c["batch"]).to(device)
 
     def step():
         scores.grad = None

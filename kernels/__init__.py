@@ -6,7 +6,7 @@ Each module holds one fused kernel and its launcher; ``autoselect_fast.ops`` dis
   * ``selection``  hard top-K per image + gather of the kept rows + position ids (inference)
   * ``soft_topk``  z-score + Soft Top-K threshold + α, and the implicit backward (training)
   * ``vp_gate``    variance-preserving noise gate, ε drawn from (seed, offset) in the kernel
-  * ``philox``     NumPy replay of Triton's ``tl.randn`` stream (no Triton import)
+  * ``philox``     the VP gate's noise stream: its contract, and its replay in NumPy (no Triton import)
 
 The kernel modules import triton; this package does not, so ``philox`` stays usable without it. On a
 machine without CUDA the kernels only run in Triton's interpreter, which is chosen when ``triton.jit``

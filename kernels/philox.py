@@ -1,15 +1,21 @@
-"""Host replay of the VP gate's noise stream (``kernels/vp_gate.py``), in NumPy (no Triton import).
+"""The VP gate's noise stream: its contract, stated here once, and its replay on the host in NumPy.
 
-This module owns ``philox_randn``: the reference backend of ``ops.vp_gate`` uses it so that a CPU run
-without Triton draws the same ε from (seed, offset) as the VP-gate kernels do (equal to the kernels'
-fp32 noise up to the last bits of log2/sqrt/sin/cos, which differ between NumPy and a GPU's math units;
-bit-equal to the kernels in Triton's interpreter).
+Contract (``kernels/vp_gate.py`` draws this stream on the GPU; ``ops.vp_gate`` documents its noise by
+pointing here). The stream ``seed`` (an int in [0, 2^63)) is a sequence of fp32 normals indexed by a
+32-bit element number e; ``vp_gate(x, alpha, seed=seed, offset=offset)`` gives element i of x
+(row-major) the stream element e = offset + i. Four consecutive elements share one Philox call:
 
-The stream (keep in step with ``vp_gate._tile_noise``): element e uses the Philox-4x32-10 call with
-counters (e >> 2, 0, 0, 0) and key (lo32(seed), hi32(seed)); its four outputs, read as int32, become
-uniforms ``(x if x >= 0 else ~x) · 4.6566127342e-10``; Box-Muller on (u0, u1) gives lanes 0 and 1
-(r cos θ, r sin θ), on (u2, u3) lanes 2 and 3, with r = sqrt(-2 ln 2 · log2(max(u_a, 1e-7))) and
-θ = 2π u_b - π; element e takes lane e & 3. All arithmetic in fp32.
+* element e uses the Philox-4x32-10 call with counters (e >> 2, 0, 0, 0) and key (lo32(seed), hi32(seed));
+* its four outputs, read as int32 x, become uniforms u = (x if x >= 0 else ~x) · 4.6566127342e-10;
+* Box-Muller on (u0, u1) gives lanes 0 and 1 (r cos θ, r sin θ), on (u2, u3) lanes 2 and 3, with
+  r = sqrt(-2 ln 2 · log2(max(u_a, 1e-7))) and θ = 2π u_b - π (u_a, u_b the pair's first and second);
+* element e takes lane e & 3. All arithmetic in fp32.
+
+This module owns ``philox_randn``, that stream's elements offset .. offset + numel - 1: the reference
+backend of ``ops.vp_gate`` uses it so that a CPU run without Triton draws the same ε from (seed, offset)
+as the VP-gate kernels do (equal to the kernels' fp32 noise up to the last bits of log2/sqrt/sin/cos,
+which differ between NumPy and a GPU's math units; bit-equal to the kernels in Triton's interpreter).
+``tests/test_kernels_vp_gate.py`` rebuilds the noise from the contract above, independently of both.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fused variance-preserving noise gate (DESIGN.md section 2.4): x̃ = √α·x + √(1-α)·ε.
+"""Fused variance-preserving noise gate (docs/design.md, "Variance-preserving noise gate"): x̃ = √α·x + √(1-α)·ε.
 
 This module owns three Triton kernels over a row-major view ``(M, d)`` of x (any leading dims
 flattened into M rows; α is ``(M,)``), each program owning ``BLOCK_M`` whole rows and looping over d
@@ -11,16 +11,13 @@ in ``BLOCK_D`` columns:
   over d needs no atomics and is deterministic.
 * ``_noise_kernel``       materialises the same ε (the same tile code), for tests and the reference.
 
-Noise stream (``kernels/philox.py`` replays it in NumPy; keep the two in step): element e of the stream
-``seed`` is ε for the logical element number e = offset + row·d + col (so it does not depend on strides
-or block sizes, and no N×d noise tensor is stored). Four consecutive elements share one Philox-4x32-10
-call: counter (e >> 2, 0, 0, 0), key (lo32(seed), hi32(seed)), outputs (u0, u1, u2, u3) read as
-uniforms ``(x if x >= 0 else ~x)·4.6566127342e-10`` (x the output as int32). Box-Muller turns each
-pair into two normals, both kept: with r = sqrt(-2 ln 2 · log2(max(u_a, 1e-7))) and
-θ = π·(2 u_b - 1) ∈ [-π, π), lane 0 = r cos θ(u0,u1) ... lane 1 = r sin θ, lane 2 = r cos θ(u2,u3),
-lane 3 = r sin θ. So one Philox round set and two log2/sqrt/sin/cos serve four elements (the GPU's
-fast approximate log2/sin/cos are accurate to ~1e-6 absolute on these ranges; θ is centred on 0 for
-that). Counters are 32 bits: the caller keeps offset + numel <= 2^32.
+Noise stream: the contract stated in ``kernels/philox.py`` (the one place it is written; that module
+also replays it in NumPy). ε of the logical element row·d + col is stream element e = offset + row·d + col,
+so it does not depend on strides or block sizes, and no N×d noise tensor is stored; four consecutive
+elements share one Philox-4x32-10 call and one Box-Muller pair of pairs, so one round set and two
+log2/sqrt/sin/cos serve four elements (the GPU's fast approximate log2/sin/cos are accurate to ~1e-6
+absolute on these ranges; θ is centred on 0 for that). Counters are 32 bits: the caller keeps
+offset + numel <= 2^32.
 
 Fast path: when d and offset are multiples of 4 (``ALIGNED``, e.g. d = 1024, 4096, 5120) every group
 of four lies in one row and the tile draws one Philox call per 4 elements; otherwise every element

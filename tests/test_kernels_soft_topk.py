@@ -15,6 +15,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
+from autoselect_fast.ragged import cu_seqlens_from_lengths, segment_bounds
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALPHA_ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -26,7 +27,7 @@ LENGTHS = [[1], [6], [1, 37, 130]]
 def make_scores(lengths, dtype, device, *, seed=0, scale=1.5):
     gen = torch.Generator().manual_seed(seed)
     scores = (torch.randn(sum(lengths), generator=gen) * scale + 0.3).to(dtype)
-    return scores.to(device), R.cu_seqlens_from_lengths(lengths).to(device)
+    return scores.to(device), cu_seqlens_from_lengths(lengths).to(device)
 
 
 def budgets(lengths, mode):
@@ -102,12 +103,55 @@ def test_soft_topk_budget_holds_for_large_n_small_tau_and_an_outlier(kernel_devi
 
 
 @pytest.mark.parametrize("f", F_CHOICES)
+@pytest.mark.parametrize("spread", [2e3, 2e4, 1e5], ids=["x2e3", "x2e4", "x1e5"])
+@pytest.mark.parametrize("block_n", [64, None], ids=["looped", "on_chip"])
+def test_soft_topk_raw_scores_over_a_wide_range(kernel_device, f, spread, block_n):
+    """normalize=False on raw scores with max |x| = max |s|/τ = 2e3, 2e4, 1e5 (spread far wider than one
+    step of the solve): α and ∂L/∂s at the fp32 tolerances of the float64 reference, Σα = K per image.
+
+    Budgets N - 1, 1 and 50 put the threshold at the bottom, at the top and inside a cluster of 100
+    scores within ±3 of x = 0.9·spread (where one fp32 ulp of x is 1e-4 to 8e-3: the cluster's α needs
+    x - λ to fp32 precision, not x)."""
+    lengths = [41, 300, 1000]
+    tau = 0.05
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(lengths), generator=gen, dtype=torch.float64)
+    x = x / x.abs().max() * spread
+    x[-100:] = 0.9 * spread + 6.0 * (torch.rand(100, generator=gen, dtype=torch.float64) - 0.5)
+    scores = (x * tau).float().to(kernel_device)
+    cu = cu_seqlens_from_lengths(lengths).to(kernel_device)
+    k = torch.tensor([40, 1, 50], device=kernel_device)
+    alpha, grad, alpha_ref, grad_ref = run_both(scores, k, cu, tau=tau, f=f, normalize=False, block_n=block_n)
+    assert_close(alpha, grad, alpha_ref, grad_ref, torch.float32)
+    for (start, end), kk in zip(segment_bounds(cu.cpu()), k.tolist()):
+        assert abs(alpha[start:end].double().sum().item() - kk) <= 1e-4 * kk
+
+
+@pytest.mark.parametrize("f", F_CHOICES)
+@pytest.mark.parametrize("block_n", [64, None], ids=["looped", "on_chip"])
+def test_soft_topk_raw_scores_clustered_far_from_zero(kernel_device, f, block_n):
+    """normalize=False, scores 5,000 + 0.05·randn at τ = 0.05: x ≈ 1e5 ± 3, where one fp32 ulp of x is
+    0.008 but the α of the float64 reference spans (0, 1). The kernel must not lose the spread."""
+    lengths = [200, 33]
+    gen = torch.Generator().manual_seed(12)
+    scores = (5e3 + 0.05 * torch.randn(sum(lengths), generator=gen, dtype=torch.float64)).float()
+    scores[200:] -= 1e4  # the second image sits at x ≈ -1e5
+    cu = cu_seqlens_from_lengths(lengths)
+    k = torch.tensor([20, 30])
+    alpha, grad, alpha_ref, grad_ref = run_both(
+        scores.to(kernel_device), k.to(kernel_device), cu.to(kernel_device), tau=0.05, f=f, normalize=False, block_n=block_n
+    )
+    assert 0.05 < alpha_ref[:200].max() - alpha_ref[:200].min() < 1  # the reference's α is not saturated
+    assert_close(alpha, grad, alpha_ref, grad_ref, torch.float32)
+
+
+@pytest.mark.parametrize("f", F_CHOICES)
 def test_soft_topk_sum_is_k_per_image(kernel_device, f):
     lengths = [3, 50, 129]
     scores, cu = make_scores(lengths, torch.float32, kernel_device, seed=5)
     k = torch.tensor([2, 1, 100], device=kernel_device)
     alpha = ops.soft_topk(scores, k, cu, tau=0.1, f=f, backend="triton", block_n=32).cpu().double()
-    for (start, end), kk in zip(R.segment_bounds(cu.cpu()), k.tolist()):
+    for (start, end), kk in zip(segment_bounds(cu.cpu()), k.tolist()):
         assert abs(alpha[start:end].sum().item() - kk) <= 1e-4 * kk
 
 
@@ -167,7 +211,7 @@ def test_soft_topk_fp32_small_spread_on_a_large_offset(kernel_device, f):
     gen = torch.Generator().manual_seed(6)
     scores = (1e4 + 0.003 * torch.randn(sum(lengths), generator=gen, dtype=torch.float64)).float()
     scores[300:] -= 2e3
-    cu = R.cu_seqlens_from_lengths(lengths)
+    cu = cu_seqlens_from_lengths(lengths)
     k = torch.tensor([30, 44])
     for block_n in (128, None):  # looped, and on chip
         alpha, grad, alpha_ref, grad_ref = run_both(scores.to(kernel_device), k.to(kernel_device), cu.to(kernel_device), tau=0.5, f=f, block_n=block_n)

@@ -121,25 +121,38 @@ def test_host_replay_of_the_philox_stream_matches_the_kernel(kernel_device):
                                ops.vp_gate_noise(shape, seed, offset, backend="reference"))
 
 
-def test_four_normals_per_philox_call_follow_the_documented_stream():
-    """kernels/philox.py: element e is lane e & 3 of the Philox call e >> 2, Box-Muller on both pairs."""
+def contract_noise(numel, seed, offset):
+    """ε of elements offset .. offset + numel - 1 of the stream ``seed``, built in float64 from the contract
+    as kernels/philox.py's docstring states it (only its Philox-4x32-10 is reused, known-answer tested)."""
     import numpy as np
 
     from autoselect_fast.kernels import philox
 
-    seed = 2**40 + 3
-    stream = philox.philox_randn(12, seed, 0)
-    b = philox.philox4x32(np.arange(3, dtype=np.uint64), seed)
-    u = [philox._uniform(v).astype(np.float64) for v in b]
-    r01 = np.sqrt(-2.0 * np.log(np.maximum(u[0], 1e-7)))
-    r23 = np.sqrt(-2.0 * np.log(np.maximum(u[2], 1e-7)))
-    th01, th23 = 2 * np.pi * u[1] - np.pi, 2 * np.pi * u[3] - np.pi
-    want = np.stack([r01 * np.cos(th01), r01 * np.sin(th01), r23 * np.cos(th23), r23 * np.sin(th23)], 1).reshape(-1)
-    assert np.allclose(stream, want, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(philox.philox_randn(5, seed, 7), stream[7:12])
-    # Philox-4x32-10 known-answer test (Random123's kat_vectors: counter 0, key 0).
-    zero = philox.philox4x32(np.zeros(1, dtype=np.uint64), 0)
+    zero = philox.philox4x32(np.zeros(1, dtype=np.uint64), 0)  # Random123's kat_vectors: counter 0, key 0
     assert [int(v[0]) for v in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    e = np.arange(offset, offset + numel, dtype=np.uint64)
+    outputs = philox.philox4x32(e >> np.uint64(2), seed)  # counters (e >> 2, 0, 0, 0), key (lo32, hi32)
+    as_int32 = [(v & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32).astype(np.int64) for v in outputs]
+    u = [np.where(x >= 0, x, ~x) * 4.6566127342e-10 for x in as_int32]
+    lane = (e & np.uint64(3)).astype(np.int64)
+    u_a = np.where(lane < 2, u[0], u[2])
+    u_b = np.where(lane < 2, u[1], u[3])
+    r = np.sqrt(-2.0 * np.log(np.maximum(u_a, 1e-7)))
+    theta = 2.0 * np.pi * u_b - np.pi
+    return torch.from_numpy(np.where(lane % 2 == 0, r * np.cos(theta), r * np.sin(theta)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("shape, offset", [((3, 8), 0), ((5, 7), 6), ((2, 3, 5), 2**32 - 30)], ids=str)
+def test_vp_gate_noise_follows_the_documented_contract(kernel_device, backend, shape, offset):
+    """ops.vp_gate's noise is the stream kernels/philox.py documents: with α = 0, x̃ = ε exactly, and ε
+    of element i of x is stream element offset + i (aligned and unaligned rows, the last counters)."""
+    seed = 2**40 + 3
+    x = torch.randn(shape).to(kernel_device)
+    out = ops.vp_gate(x, torch.zeros(shape[:-1], device=kernel_device), seed=seed, offset=offset, backend=backend)
+    want = contract_noise(x.numel(), seed, offset).reshape(shape)
+    assert torch.allclose(out.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    assert "autoselect_fast.kernels.philox" in ops.vp_gate.__doc__  # the docstring points at the contract
 
 
 def test_noise_statistics_are_standard_normal(kernel_device):

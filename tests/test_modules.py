@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from autoselect_fast.modules import Denoiser, DenoiserConfig, Scorer, ScorerConfig
-from autoselect_fast.reference import cu_seqlens_from_lengths
+from autoselect_fast.ragged import cu_seqlens_from_lengths
 
 SMALL = ScorerConfig(input_dim=24, hidden_dim=32, num_layers=2, num_heads=4)
 

@@ -1,4 +1,4 @@
-"""The reference path checked against the design's math (DESIGN.md sections 2 and 3).
+"""The reference path checked against the design's math (docs/design.md, "The math" and "Position ids").
 
 The reference is what every kernel is tested against, so here it is tested against independent
 oracles: autograd's numerical gradients, sorting, torch.topk and the defining equations.
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autoselect_fast import reference as R
+from autoselect_fast.ragged import cu_seqlens_from_lengths, segment_bounds
 
 F_CHOICES = ["laplace", "sigmoid"]
 
@@ -16,14 +17,14 @@ F_CHOICES = ["laplace", "sigmoid"]
 def ragged(lengths, seed=0, scale=1.0, offset=0.0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(sum(lengths), generator=gen, dtype=torch.float64) * scale + offset
-    return scores.to(dtype), R.cu_seqlens_from_lengths(lengths)
+    return scores.to(dtype), cu_seqlens_from_lengths(lengths)
 
 
 # ------------------------------------------------------------------------------------------ normalise
 def test_normalize_scores_is_a_per_image_zscore():
     scores, cu = ragged([5, 1, 12], scale=3.0, offset=7.0)
     s_hat = R.normalize_scores(scores, cu)
-    for start, end in R.segment_bounds(cu):
+    for start, end in segment_bounds(cu):
         seg = s_hat[start:end]
         assert abs(float(seg.mean())) < 1e-12
         if end - start > 1:  # population variance, shrunk by eps
@@ -109,7 +110,7 @@ def test_soft_topk_converges_to_hard_topk_as_tau_goes_to_zero(f):
     gen = torch.Generator().manual_seed(4)
     lengths, ks = [20, 13], torch.tensor([5, 6])
     scores = torch.cat([torch.randperm(n, generator=gen).double() for n in lengths])  # distinct scores
-    cu = R.cu_seqlens_from_lengths(lengths)
+    cu = cu_seqlens_from_lengths(lengths)
     indices, _ = R.hard_topk_indices(scores, ks, cu)
     hard = torch.zeros_like(scores)
     hard[indices] = 1.0
@@ -177,7 +178,7 @@ def test_hard_topk_matches_torch_topk_without_ties():
     ks = torch.tensor([64, 33, 1])
     indices, kept_cu = R.hard_topk_indices(scores, ks, cu)
     assert kept_cu.tolist() == [0, 64, 97, 98]
-    for (s, e), (ks_, ke) in zip(R.segment_bounds(cu), R.segment_bounds(kept_cu)):
+    for (s, e), (ks_, ke) in zip(segment_bounds(cu), segment_bounds(kept_cu)):
         expected = torch.sort(torch.topk(scores[s:e], ke - ks_).indices).values + s
         assert torch.equal(indices[ks_:ke], expected)
 
@@ -216,16 +217,6 @@ def test_select_tokens_mrope_positions_are_gathered_columns():
     assert compact.position_ids.tolist() == [[5, 6], [5, 6], [5, 6]]
 
 
-# ------------------------------------------------------------------------------------ τ schedule
-def test_tau_schedule_is_a_cosine_from_start_to_end():
-    assert R.tau_schedule(0, 2000) == pytest.approx(2.0)
-    assert R.tau_schedule(1000, 2000) == pytest.approx(1.05)
-    assert R.tau_schedule(2000, 2000) == pytest.approx(0.1)
-    assert R.tau_schedule(5000, 2000) == pytest.approx(0.1)
-    taus = [R.tau_schedule(s, 100, 3.0, 0.5) for s in range(101)]
-    assert taus == sorted(taus, reverse=True)
-
-
 # ---------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize(
     "call, error, words",
@@ -252,21 +243,9 @@ def test_tau_schedule_is_a_cosine_from_start_to_end():
         (lambda: R.select_tokens(torch.randn(4), torch.randn(3, 2), 1), ValueError, "features must have 4 rows"),
         (lambda: R.select_tokens(torch.randn(4), None, 1, position_mode="packed"), ValueError, "position_mode must be one of"),
         (lambda: R.select_tokens(torch.randn(4), None, 1, positions=torch.zeros(2, 4, dtype=torch.long)), ValueError, "positions must have shape (4,) or (3, 4)"),
-        (lambda: R.tau_schedule(-1, 10), ValueError, "step must be an int >= 0"),
-        (lambda: R.tau_schedule(0, 0), ValueError, "total_steps must be an int >= 1"),
     ],
 )
 def test_bad_arguments_get_clear_errors(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert words in str(info.value)
-
-
-def test_padded_and_flat_round_trip():
-    padded = torch.randn(3, 5, 2)
-    flat, cu = R.padded_to_flat(padded, [5, 2, 3])
-    assert cu.tolist() == [0, 5, 7, 10]
-    back = R.flat_to_padded(flat, cu)
-    for i, n in enumerate([5, 2, 3]):
-        assert torch.equal(back[i, :n], padded[i, :n])
-        assert torch.equal(back[i, n:], torch.zeros(5 - n, 2))

@@ -39,6 +39,7 @@ from autoselect_fast.training import (
 from autoselect_fast.training import synthetic as S
 from autoselect_fast.training.cli import load_model
 from autoselect_fast.training.objective import noise_seed
+from autoselect_fast.training.schedule import tau_schedule
 
 VISION = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
@@ -285,6 +286,19 @@ def test_noise_seed_is_fixed_by_step_and_slot():
     assert noise_seed(0, 5, 3) == noise_seed(0, 5, 3)
     assert len({noise_seed(0, s, i) for s in range(20) for i in range(20)}) == 400
     assert all(0 <= noise_seed(7, s, 1) < 2**62 for s in range(100))
+
+
+def test_tau_schedule_is_a_cosine_from_start_to_end():
+    assert tau_schedule(0, 2000) == pytest.approx(2.0)
+    assert tau_schedule(1000, 2000) == pytest.approx(1.05)
+    assert tau_schedule(2000, 2000) == pytest.approx(0.1)
+    assert tau_schedule(5000, 2000) == pytest.approx(0.1)
+    taus = [tau_schedule(s, 100, 3.0, 0.5) for s in range(101)]
+    assert taus == sorted(taus, reverse=True)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        tau_schedule(-1, 10)
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+        tau_schedule(0, 0)
 
 
 # --------------------------------------------------------------------------------------------------

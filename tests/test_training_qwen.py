@@ -24,7 +24,7 @@ from autoselect_fast.models import get_adapter
 from autoselect_fast.modules import Denoiser, DenoiserConfig, Scorer, ScorerConfig
 from autoselect_fast.training import AutoSelectObjective, ConversationDataset, SampleList, TrainConfig, Trainer, build_objective, collate
 from autoselect_fast.training.data import Sample
-from autoselect_fast.training.objective import _pad_right
+from autoselect_fast.training.objective import pad_sequences
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 D_V = 4 * 32
@@ -83,7 +83,7 @@ def test_training_sequence_batch_reproduces_model_logits(qwen):
         features = adapter.encode([s.pixel_values for s in data.samples], [s.image_size for s in data.samples])
         for s, f in zip(data.samples, features):
             seqs.append(adapter.training_sequence(s.input_ids, s.labels, adapter.project(f), s.image_size))
-        embeds, mask, positions, labels = _pad_right(*(list(x) for x in zip(*seqs)))
+        embeds, mask, positions, labels = pad_sequences(*(list(x) for x in zip(*seqs)))
         assert positions.shape == (3, len(data), embeds.shape[1])
         rows = torch.nonzero(mask.reshape(-1))[:, 0]
         ours = adapter.training_logits(embeds, mask, positions, rows)

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..budget import check_budget_args, image_budget
 from ..models import get_adapter
 from ..modules import Denoiser, DenoiserConfig, EncoderBlock, Scorer, _Checkpointable
-from ..reference import check_budget_args, cu_seqlens_from_lengths, flat_to_padded, image_budget
+from ..ragged import cu_seqlens_from_lengths, packed_to_padded
 
 GATES = ("vp", "scale")
 DENOISER_ATTENTION = ("identity", "global")
@@ -65,7 +66,7 @@ class GlobalDenoiser(_Checkpointable):
     def forward(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
         self.check_input_dim(x.shape[-1])
         lengths = cu_seqlens.diff()
-        padded = flat_to_padded(x, cu_seqlens)
+        padded = packed_to_padded(x, cu_seqlens)
         key_mask = torch.arange(padded.shape[1], device=x.device)[None, :] < lengths[:, None]
         return self.block(padded, key_mask)[key_mask]
 
@@ -186,7 +187,7 @@ class AutoSelectObjective(nn.Module):
         for ids, lab, vis, size in zip(batch.input_ids, batch.labels, projected, batch.image_sizes):
             e, p, l = adapter.training_sequence(ids, lab, vis, size)
             embeds.append(e), positions.append(p), labels.append(l)
-        inputs_embeds, attention_mask, position_ids, seq_labels = _pad_right(embeds, positions, labels)
+        inputs_embeds, attention_mask, position_ids, seq_labels = pad_sequences(embeds, positions, labels)
         # Token t predicts label t+1: keep only rows whose next label is a target.
         targets = seq_labels[:, 1:]
         is_target = targets != IGNORE_INDEX
@@ -211,22 +212,21 @@ class AutoSelectObjective(nn.Module):
         return torch.cat(parts)
 
 
-def _pad_right(embeds: list[Tensor], positions: list[Tensor], labels: list[Tensor]):
-    """Right-pad a list of sequences: (B, S, H) embeds, (B, S) mask, (B, S) or (3, B, S) positions, (B, S) labels."""
-    s = max(e.shape[0] for e in embeds)
-    b = len(embeds)
-    out = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
-    mask = torch.zeros(b, s, dtype=torch.int64, device=out.device)
-    lab = torch.full((b, s), IGNORE_INDEX, dtype=torch.int64, device=out.device)
-    pos = torch.zeros(*positions[0].shape[:-1], b, s, dtype=torch.int64, device=out.device)
-    for i, (p, l) in enumerate(zip(positions, labels)):
-        n = l.shape[0]
-        mask[i, :n] = 1
-        lab[i, :n] = l
-        pos[..., i, :n] = p
-        if n < s:  # padding continues the positions so every row is well defined
-            pos[..., i, n:] = p[..., -1:] + torch.arange(1, s - n + 1, device=out.device)
-    return out, mask, pos, lab
+def pad_sequences(embeds: list[Tensor], positions: list[Tensor], labels: list[Tensor]):
+    """Right-pad per-sample sequences into one batch (``ragged.packed_to_padded``): (B, S, H) embeds,
+    (B, S) attention mask, (B, S) or (3, B, S) positions, (B, S) labels (IGNORE_INDEX past each end)."""
+    lengths = [l.shape[0] for l in labels]
+    cu = cu_seqlens_from_lengths(lengths)
+    device = embeds[0].device
+    inputs_embeds = packed_to_padded(torch.cat(embeds), cu)
+    mask = packed_to_padded(torch.ones(sum(lengths), dtype=torch.int64, device=device), cu)
+    seq_labels = packed_to_padded(torch.cat(labels).to(torch.int64), cu, pad_value=IGNORE_INDEX)
+    pos = packed_to_padded(torch.cat(positions, dim=-1).to(torch.int64), cu, dim=-1)
+    # Padding continues each row's positions (last + 1, last + 2, ...) so every row is well defined.
+    n = torch.tensor(lengths, device=device)
+    last = pos.gather(-1, (n - 1)[:, None].expand(*pos.shape[:-1], 1))
+    continued = last + torch.arange(pos.shape[-1], device=device) - n[:, None] + 1
+    return inputs_embeds, mask, torch.where(mask.bool(), pos, continued), seq_labels
 
 
 def alpha_statistics(alpha: Tensor) -> dict:

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from ..modules import Scorer, ScorerConfig
-from ..reference import tau_schedule
 from .config import RESUME_MUST_MATCH, TrainConfig
 from .data import collate
 from .objective import IGNORE_INDEX, AutoSelectObjective, alpha_statistics, build_denoiser
+from .schedule import tau_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"

@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..reference import cu_seqlens_from_lengths
+from ..ragged import cu_seqlens_from_lengths, segment_bounds
 from ..models import VLMAdapter
 from .sampling import sample_next_tokens
 
@@ -26,7 +25,7 @@ def padded_cache(packed_cache, lengths: Sequence[int], device: torch.device):
     (B, Hkv, L_max, d) DynamicCache + 2-D mask."""
     from transformers import DynamicCache
 
-    bounds = reference.segment_bounds(cu_seqlens_from_lengths(lengths))
+    bounds = segment_bounds(cu_seqlens_from_lengths(lengths))
     longest = max(e - s for s, e in bounds)
     mask = torch.zeros(len(bounds), longest, dtype=torch.int64, device=device)
     for r, (s, e) in enumerate(bounds):

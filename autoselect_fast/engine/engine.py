@@ -28,12 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .._validation import check_choice, is_int, to_device
+from .._validation import check_choice, is_int
+from ..budget import check_budget_args, image_budget
 from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
 from ..caching import LRUCache
 from ..models import VLMAdapter, get_adapter
 from ..packing import PackedBatch
-from ..reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
+from ..ragged import cu_seqlens_from_lengths, to_device
+from ..reference import POSITION_MODES, Selection
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
 from .decode import decode, padded_cache
@@ -91,7 +93,7 @@ class AutoSelectEngine:
         scorer.check_input_dim(self.adapter.feature_dim)
         self.device = self.adapter.device
         self.scorer = scorer.to(self.device).eval()
-        reference.check_budget_args(keep, keep_ratio, required=False)
+        check_budget_args(keep, keep_ratio, required=False)
         self.keep, self.keep_ratio = keep, keep_ratio
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         self.attention_backend = resolve_attention(attention_backend, self.device, self.adapter.language_model)
@@ -113,7 +115,7 @@ class AutoSelectEngine:
 
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
-        return reference.image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
+        return image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
 
     # -- stage 1: host-side preparation ------------------------------------------------------------
     def _image_processor(self):

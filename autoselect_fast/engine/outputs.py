@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._validation import to_device
 from ..packing import PackedBatch
-from ..reference import Selection, cu_seqlens_from_lengths
+from ..ragged import cu_seqlens_from_lengths, to_device
+from ..reference import Selection
 from .request import PreparedBatch
 
 __all__ = ["PruneResult", "PrefillOutput", "GenerateOutput", "prefill_output"]

@@ -18,12 +18,11 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import reference
-from .._validation import is_int, to_device
+from .._validation import is_int
 from ..caching import image_fingerprint
 from ..models import ImageLayout, VLMAdapter
 from ..placeholders import expand, image_runs, strip_runs, text_columns
-from ..reference import cu_seqlens_from_lengths
+from ..ragged import cu_seqlens_from_lengths, segment_bounds, to_device
 
 Prompt = Union[str, Sequence[int], Tensor]
 
@@ -153,7 +152,7 @@ class PreparedBatch:
         sequence, the same on every row. Rows are squeezed away for 1-D positions.
         """
         text_parts, visual_parts = [], [None] * self.num_images
-        for r, (s, e) in enumerate(reference.segment_bounds(self.text_cu_seqlens)):
+        for r, (s, e) in enumerate(segment_bounds(self.text_cu_seqlens)):
             images = self.images_of(r)
             insert_at = [int(self.insert_at[i]) for i in images]
             if position_mode == "original":

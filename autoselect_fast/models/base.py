@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import to_device
+from ..ragged import to_device
 from ..placeholders import expand, image_runs, strip_runs
 
 

@@ -45,7 +45,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_tensor, to_device
+from .._validation import check_tensor
+from ..ragged import to_device
 from ..attention import resolve_backend, varlen_attention
 
 Grid = tuple[int, int, int]

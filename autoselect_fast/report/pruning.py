@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import ops
 from ..modules import Scorer, ScorerConfig
-from ..reference import cu_seqlens_from_lengths
+from ..ragged import cu_seqlens_from_lengths
 from ..timing import gpu_timeline_ms, measure
 
 

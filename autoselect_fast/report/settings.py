@@ -13,11 +13,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .._validation import DTYPES
 from ..presets import PRESETS, Preset
 from .workloads import SERVING_RATIOS, supports_serving
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class SettingError(ValueError):
     """A bad report setting: ``setting`` (a :class:`ReportSettings` field), the ``value`` at fault

@@ -4,7 +4,7 @@ How a request goes through vLLM (0.32) with this class:
 
 1. **Processor** (frontend process): vLLM's Qwen2.5-VL processor, except that each image's prompt
    placeholder expands to K_i tokens instead of N_i (:meth:`AutoSelectQwen2_5_VLProcessor._get_prompt_updates`).
-   K_i = ``reference.image_budget(N_i, keep, keep_ratio, clip=True)``, the engine's rule; N_i follows
+   K_i = ``budget.image_budget(N_i, keep, keep_ratio, clip=True)``, the engine's rule; N_i follows
    from the image grid alone, so it is known before any encoder runs. The scheduler, the KV cache and
    the encoder cache therefore only ever see K_i tokens per image.
 2. **Positions** (worker, when the request is added): vLLM asks the model for the request's M-RoPE
@@ -31,7 +31,7 @@ change to vLLM and gives the exact ``original`` positions on every backend. Its 
 runs when the request is added rather than in the encoder batch, one request at a time.
 
 What is reused from ``autoselect_fast``: the Scorer (``modules.Scorer``), the selection kernel
-(``ops.select``), the budget rule (``reference.image_budget``) and the raster order of the pre-merger
+(``ops.select``), the budget rule (``budget.image_budget``) and the raster order of the pre-merger
 groups (vLLM's tower puts its merger output back in raster order with its ``reverse_indices``; the
 merger is swapped for a plain ``view`` of each group, so the tower returns the pre-merger groups in
 raster order, the Scorer's input in the engine too). What is vLLM's: the tower, the merger, the
@@ -69,8 +69,10 @@ from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from .. import ops  # noqa: E402
 from ..caching import LRUCache, image_fingerprint  # noqa: E402
+from ..budget import check_budget_args, image_budget  # noqa: E402
 from ..modules import Scorer  # noqa: E402
-from ..reference import POSITION_MODES, check_budget_args, cu_seqlens_from_lengths, image_budget  # noqa: E402
+from ..ragged import cu_seqlens_from_lengths  # noqa: E402
+from ..reference import POSITION_MODES  # noqa: E402
 
 PREFIX = "autoselect_"  # hf_overrides keys of this plugin
 _KEPT_CACHE_SIZE = 65536  # remembered selections (int32 indices, 4·K_i bytes each), least recently used dropped
