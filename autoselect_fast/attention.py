@@ -148,7 +148,8 @@ def varlen_attention(
 
     Args:
         query: ``(Tq, Hq, d)``; key, value: ``(Tk, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA).
-        cu_seqlens_q / cu_seqlens_k: ``(B+1,)`` int32/int64 segment offsets (``k`` defaults to ``q``).
+        cu_seqlens_q / cu_seqlens_k: ``(B+1,)`` int32/int64 segment offsets (``k`` defaults to ``q``);
+            segments may be empty (the CUDA-graph runner pads its fixed-length offsets with them).
         max_seqlen_q / max_seqlen_k: longest segment (computed when omitted; pass them to avoid a sync).
         scale: softmax scale, default ``d ** -0.5``.
         backend: one of :data:`ATTENTION_BACKENDS`.
@@ -193,8 +194,8 @@ def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k
     On CUDA the call is restricted to the fused kernels (:func:`_no_math_sdpa`), so an input they
     cannot take raises instead of silently running the math kernel.
     """
-    bounds_q = check_cu_seqlens(cu_q, query.shape[0], name="cu_seqlens_q").tolist()
-    bounds_k = check_cu_seqlens(cu_k, key.shape[0], name="cu_seqlens_k").tolist()
+    bounds_q = check_cu_seqlens(cu_q, query.shape[0], name="cu_seqlens_q", allow_empty=True).tolist()
+    bounds_k = check_cu_seqlens(cu_k, key.shape[0], name="cu_seqlens_k", allow_empty=True).tolist()
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     gqa = query.shape[1] != key.shape[1]
     segments = len(bounds_q) - 1
@@ -203,6 +204,8 @@ def _sdpa_segments(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k
         for b in range(segments):
             qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
             lq, lk = qe - qs, ke - ks
+            if lq == 0:  # an empty segment (a batch padded for a CUDA graph): nothing to compute
+                continue
             if lq > lk:
                 raise ValueError(f"segment {b} has {lq} queries but only {lk} keys; causal varlen attention needs Lq <= Lk")
             q, k, v = (t[s:e].transpose(0, 1)[None] for t, s, e in ((query, qs, qe), (key, ks, ke), (value, ks, ke)))  # (1, H, L, d)
