@@ -1,4 +1,4 @@
-"""Benchmark of the runner (``autoselect_fast.runner``): each device stage eager against its CUDA-graph
+"""Benchmark of the runner (``autoselect_fast.engine.runner``): each device stage eager against its CUDA-graph
 replay, and (``--compile``) the language model compiled with ``torch.compile`` inside the graphs.
 
     python bench/bench_runner.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 --out bench/results/runner-h200.json
@@ -36,7 +36,7 @@ from autoselect_fast.engine import AutoSelectEngine, Request
 from autoselect_fast.modules import Scorer
 from autoselect_fast.models import get_adapter
 from autoselect_fast.presets import build_model, get_preset
-from autoselect_fast.runner import Runner, RunnerConfig
+from autoselect_fast.engine.runner import Runner, RunnerConfig
 from autoselect_fast.timing import environment, measure
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -1,4 +1,4 @@
-"""The runner (``autoselect_fast.runner``): padding to buckets never changes a real result, eager fallbacks
+"""The runner (``autoselect_fast.engine.runner``): padding to buckets never changes a real result, eager fallbacks
 are counted, concurrent calls through the shared static buffers equal sequential ones.
 
 On CPU the runner's ``"padded"`` mode runs exactly what a CUDA graph would replay (static buffers,
@@ -26,7 +26,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextCo
 
 from autoselect_fast.engine import AutoSelectEngine, Request
 from autoselect_fast.modules import Scorer, ScorerConfig
-from autoselect_fast.runner import (
+from autoselect_fast.engine.runner import (
     DEFAULT_REQUEST_BUCKETS,
     Runner,
     RunnerConfig,
@@ -296,9 +296,71 @@ def test_selection_of_images_with_different_n_is_left_to_the_engine(family):
 
 
 # --------------------------------------------------------------------------------------------------
+# Through the engine: AutoSelectEngine(runner_config=...) pads every stage, results unchanged
+# --------------------------------------------------------------------------------------------------
+def engine_pair(family, **config):
+    """The same model and Scorer behind an eager engine and one whose runner pads to the given buckets."""
+    build, dim, keep, make_requests = MODELS[family]
+    kwargs = {"image_processor": image_processor()} if family == "qwen2.5-vl" else {}
+    model, scorer = build(), tiny_scorer(dim)
+    eager = AutoSelectEngine(model, scorer, score_cache_size=0, **keep, **kwargs)
+    padded = AutoSelectEngine(model, scorer, score_cache_size=0, runner_config=RunnerConfig(pad_to_buckets=True, **config), **keep, **kwargs)
+    return eager, padded, make_requests()
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_engine_prefill_padded_equals_eager(family):
+    eager, padded, requests = engine_pair(family, prefill_buckets=(16, 48, 96, 160), request_buckets=(1, 2, 4), vision_buckets=(1, 4, 16))
+    assert eager.runner.mode == "eager" and padded.runner.mode == "padded"
+    for batch in (requests, requests[:1], requests[1:2], requests[2:]):  # mixed, one image, text only, two images (+ more)
+        want, got = eager.prefill(batch), padded.prefill(batch)
+        torch.testing.assert_close(got.logits, want.logits, **TOL)
+        assert got.sequence_lengths == want.sequence_lengths and got.kept_tokens == want.kept_tokens
+        for a, b in zip(got.kept_indices, want.kept_indices):
+            assert torch.equal(a, b)
+    stats = padded.runner.stats_dict()
+    assert stats["prefill"] == {"graph_replays": 0, "captures": 0, "padded": 4, "eager": {}}, stats
+    # the vision tower is padded for the LLaVA family; pruning wherever a batch's images share N and K:
+    # always for LLaVA-1.5, only the one-image batch for the others (dynamic N)
+    assert stats["vision"]["padded"] == (3 if family != "qwen2.5-vl" else 0)
+    assert stats["prune"]["padded"] == (3 if family == "llava-1.5" else 1)
+    assert stats["prune"]["eager"] == ({} if family == "llava-1.5" else {"dynamic_n": 2})
+    assert eager.runner.stats_dict()["prefill"]["eager"] == {"not_cuda": 4}
+
+
+def test_engine_batch_above_the_largest_bucket_runs_eagerly():
+    eager, padded, requests = engine_pair("llava-1.5", prefill_buckets=(16,), vision_buckets=(1, 2))
+    want, got = eager.prefill(requests), padded.prefill(requests)  # 3 images, ~25 tokens
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    stats = padded.runner.stats_dict()
+    assert stats["prefill"]["eager"] == {"above_largest_bucket": 1} and stats["prefill"]["padded"] == 0
+    assert stats["vision"]["eager"] == {"above_largest_bucket": 1} and stats["prune"]["eager"] == {"above_largest_bucket": 1}
+
+
+def test_engine_generate_with_a_padded_runner_equals_eager():
+    """generate fills a DynamicCache: its prefill takes the eager path (counted), decoding is unchanged."""
+    eager, padded, requests = engine_pair("llava-1.5", prefill_buckets=(32, 64))
+    want = eager.generate(requests, max_new_tokens=5)
+    got = padded.generate(requests, max_new_tokens=5)
+    assert got.token_ids == want.token_ids
+    assert padded.runner.stats["prefill"].eager == {"kv_cache": 1}
+
+
+def test_cuda_graphs_switch_and_runner_config_errors():
+    model, scorer = tiny_llava(), tiny_scorer(32)
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
+        AutoSelectEngine(model, scorer, keep=5, cuda_graphs=1)
+    with pytest.raises(TypeError, match="runner_config must be a RunnerConfig or None, got dict"):
+        AutoSelectEngine(model, scorer, keep=5, runner_config={"cuda_graphs": True})
+    off = AutoSelectEngine(model, scorer, keep=5, cuda_graphs=False, runner_config=RunnerConfig(pad_to_buckets=True))
+    assert off.runner.config.cuda_graphs is False and off.runner.mode == "padded"  # padding without graphs, as asked
+
+
+# --------------------------------------------------------------------------------------------------
 # Threads: one runner, shared static buffers
 # --------------------------------------------------------------------------------------------------
 def test_concurrent_padded_calls_equal_sequential_ones():
+    """Six threads through one runner's shared static buffers (prefill and vision), in shapes of different buckets."""
     engine = AutoSelectEngine(tiny_llava(seed=3), tiny_scorer(32), keep=5, score_cache_size=0)
     requests = llava_requests()
     batches = [requests, requests[:1], requests[1:], [requests[2], requests[0]]]
@@ -344,9 +406,10 @@ FP16 = dict(rtol=2e-2, atol=2e-2)
 
 
 def cuda_engine(build, scorer_dim, **kwargs):
+    """An fp16 CUDA engine whose own stages stay eager (the references); the runners under test are built beside it."""
     model = build().to(device="cuda", dtype=torch.float16)
     scorer = tiny_scorer(scorer_dim).to(device="cuda", dtype=torch.float16)
-    return AutoSelectEngine(model, scorer, score_cache_size=0, **kwargs)
+    return AutoSelectEngine(model, scorer, score_cache_size=0, cuda_graphs=False, **kwargs)
 
 
 def graph_runner(engine, **config):
@@ -473,6 +536,24 @@ def test_cuda_compiled_graphs_equal_eager():
     for _ in range(2):
         torch.testing.assert_close(runner.prefill(packed).float(), engine.prefill_packed(packed).float(), **FP16)
     assert (runner.stats["prefill"].captures, runner.stats["prefill"].graph_replays) == (1, 2)
+
+
+@requires_cuda
+def test_cuda_engine_prefill_with_graphs_equals_eager():
+    """The default engine on CUDA: all three stages graphed (LLaVA-1.5, fixed K), the same logits as eager."""
+    eager = cuda_engine(tiny_llava, 32, keep=5)
+    graphed = AutoSelectEngine(eager.model, eager.scorer, keep=5, score_cache_size=0)
+    assert graphed.runner.mode == "graphs"
+    requests = llava_requests()
+    for batch in (requests, requests[:1], requests):
+        want, got = eager.prefill(batch), graphed.prefill(batch)
+        torch.testing.assert_close(got.logits.float(), want.logits.float(), **FP16)
+        assert got.sequence_lengths == want.sequence_lengths
+    stats = graphed.runner.stats_dict()
+    for stage in ("vision", "prune", "prefill"):
+        assert stats[stage]["graph_replays"] == 3 and stats[stage]["captures"] == 2 and not stats[stage]["eager"], stats
+    # generate keeps working: its prefill fills a KV cache eagerly, then decodes as before
+    assert graphed.generate(requests, max_new_tokens=4).token_ids == eager.generate(requests, max_new_tokens=4).token_ids
 
 
 @requires_cuda

@@ -74,7 +74,7 @@ class LlavaFamilyAdapter(VLMAdapter):
         return projector(features.to(dtype))
 
     # The vision stage in three steps, so that a runner can replay the middle one from a CUDA graph
-    # (``autoselect_fast.runner``): ``encode = image_features(tower_features(tower_input(pixels)))``.
+    # (``autoselect_fast.engine.runner``): ``encode = image_features(tower_features(tower_input(pixels)))``.
     def tower_input(self, pixel_values: Sequence[Tensor]) -> Tensor:
         """The vision tower's batch ``(tiles, 3, s, s)`` of a list of images (host or device, any float dtype)."""
         raise NotImplementedError

@@ -39,7 +39,6 @@ each bucket's static shape once and is then captured like the plain step.
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import inspect
@@ -52,11 +51,10 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-from ._validation import to_device
-from .attention import install_dispatch, varlen_call
-from .packing import PackedBatch
-from .reference import Selection
+from .. import reference
+from ..attention import install_dispatch, varlen_call
+from ..packing import PackedBatch
+from ..reference import Selection
 
 __all__ = [
     "DEFAULT_LARGEST_PREFILL_BUCKET",
@@ -104,9 +102,8 @@ def prefill_bucket_schedule(largest: int = DEFAULT_LARGEST_PREFILL_BUCKET) -> tu
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> Optional[int]:
-    """The smallest bucket >= ``size``, or ``None`` above the largest."""
-    i = bisect.bisect_left(buckets, size)
-    return buckets[i] if i < len(buckets) else None
+    """The smallest bucket >= ``size``, or ``None`` above the largest (a plain scan: ladders are short, and Dynamo traces it)."""
+    return next((bucket for bucket in buckets if bucket >= size), None)
 
 
 def _check_ladder(name: str, value) -> tuple[int, ...]:
@@ -248,7 +245,8 @@ class Runner:
         self._last_use = None  # CUDA event recorded after each padded call's copy-out
         self._prefill_buffers: Optional[dict] = None
         lm = adapter.language_model
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # renamed in transformers 5.2x
+        #: the language model's cache argument: renamed from past_key_values to cache in transformers 5.2x
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._padded_logits = self._language_model_logits
         if config.compile_language_model:
             self._padded_logits = torch.compile(self._language_model_logits, dynamic=False, **config.compile_options)
@@ -265,6 +263,8 @@ class Runner:
             self.stats = {stage: StageStats() for stage in STAGES}
 
     def _count(self, stage: str, what: str, reason: Optional[str] = None) -> None:
+        if torch.compiler.is_compiling():  # a traced engine stage (tests/test_host_sync.py): nothing runs, nothing to count
+            return
         with self._stats_lock:
             stats = self.stats[stage]
             if what == "eager":
@@ -337,7 +337,7 @@ class Runner:
                                last_token_index: Tensor, cache=None) -> Tensor:
         """The language model over one packed sequence, ``lm_head`` on the given rows: the one home of this call."""
         lm = self.adapter.language_model
-        cache_kwargs = {self._cache_kwarg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        cache_kwargs = {self.cache_kwarg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         hidden = lm(
             inputs_embeds=embeds[None],
             position_ids=position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
@@ -529,20 +529,17 @@ class Runner:
         """
         if self.scorer is None or self._select is None:
             raise ValueError("Runner.select needs the scorer and select function given to the Runner")
-        reason = None if self.padded else self._eager_reason
-        sizes = {f.shape[0] for f in features}
-        if reason is None and len(sizes) != 1:
-            reason = "dynamic_n"
-        if reason is None and len(set(budgets)) != 1:
-            reason = "unequal_budgets"
+        if not self.padded:
+            self._count("prune", "eager", self._eager_reason)
+            return None
         count = len(features)
         bucket = bucket_for(count, self.config.vision_buckets)
-        if reason is None and bucket is None:
-            reason = "above_largest_bucket"
+        reason = ("dynamic_n" if len({f.shape[0] for f in features}) != 1 else "unequal_budgets" if len(set(budgets)) != 1
+                  else "above_largest_bucket" if bucket is None else None)
         if reason is not None:
             self._count("prune", "eager", reason)
             return None
-        n, k, rows = features[0].shape[0], int(budgets[0]), self.adapter.position_rows
+        n, k = features[0].shape[0], int(budgets[0])
         with self._lock:
             self._begin()
             slot = self._prune_slot(features[0], bucket, n, k)
