@@ -204,6 +204,22 @@ def test_batches_that_do_not_fit_run_eagerly_and_are_counted(setup):
     assert eager.stats["prefill"].eager == {"graphs_off": 1}
 
 
+def test_calls_under_a_flop_counter_run_eagerly():
+    """The report counts FLOPs with FlopCounterMode: a replay would hide them, padding would add some."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = AutoSelectEngine(tiny_llava(), tiny_scorer(32), keep=5, score_cache_size=0)
+    packed = packed_batch(engine, llava_requests())
+    runner = padded_runner(engine, prefill_buckets=(64,))
+    with FlopCounterMode(display=False) as eager_counter:
+        want = engine.prefill_packed(packed)
+    with FlopCounterMode(display=False) as counter:
+        got = runner.prefill(packed)
+    torch.testing.assert_close(got, want, **TOL)
+    assert counter.get_total_flops() == eager_counter.get_total_flops() > 0
+    assert runner.stats["prefill"].eager == {"dispatch_mode": 1}
+
+
 def test_a_kv_cache_is_filled_on_the_eager_path(setup):
     from transformers import DynamicCache
 

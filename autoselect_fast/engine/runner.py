@@ -272,6 +272,18 @@ class Runner:
             else:
                 setattr(stats, what, getattr(stats, what) + 1)
 
+    def _unpaddable(self) -> Optional[str]:
+        """Why no call can be padded / graphed right now (``None``: it can).
+
+        Besides the mode: under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``, as
+        the report counts FLOPs) a replay would hide every operation and padding would count work that is
+        not the request's, so such calls take the eager path."""
+        if not self.padded:
+            return self._eager_reason
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return "dispatch_mode" if _get_current_dispatch_mode() is not None else None
+
     def graph_count(self, stage: str) -> int:
         """Graphs captured so far for ``stage``."""
         return sum(slot.graph is not None for slot in self._slots[stage].values())
@@ -359,7 +371,7 @@ class Runner:
         """
         install_dispatch(self.adapter.language_model.config)  # a no-op unless the model's implementation was switched since
         tokens, requests = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1
-        reason = self._eager_reason if not self.padded else "kv_cache" if cache is not None else None
+        reason = self._unpaddable() or ("kv_cache" if cache is not None else None)
         token_bucket = bucket_for(tokens, self.config.prefill_buckets)
         request_bucket = bucket_for(requests, self.config.request_buckets)
         if reason is None and token_bucket is None:
@@ -482,8 +494,9 @@ class Runner:
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
         """Pre-projector features per image, as ``adapter.encode``; the tower padded / graphed per image-count bucket."""
         adapter = self.adapter
-        if not self.padded or not self.vision_graphable():
-            self._count("vision", "eager", self._eager_reason if not self.padded else "model_not_graphable")
+        reason = self._unpaddable() or (None if self.vision_graphable() else "model_not_graphable")
+        if reason is not None:
+            self._count("vision", "eager", reason)
             return adapter.encode(pixel_values, image_sizes)
         batch = adapter.tower_input(pixel_values)
         count = batch.shape[0]
@@ -529,8 +542,9 @@ class Runner:
         """
         if self.scorer is None or self._select is None:
             raise ValueError("Runner.select needs the scorer and select function given to the Runner")
-        if not self.padded:
-            self._count("prune", "eager", self._eager_reason)
+        reason = self._unpaddable()
+        if reason is not None:
+            self._count("prune", "eager", reason)
             return None
         count = len(features)
         bucket = bucket_for(count, self.config.vision_buckets)
