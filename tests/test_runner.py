@@ -204,20 +204,38 @@ def test_batches_that_do_not_fit_run_eagerly_and_are_counted(setup):
     assert eager.stats["prefill"].eager == {"graphs_off": 1}
 
 
-def test_calls_under_a_flop_counter_run_eagerly():
-    """The report counts FLOPs with FlopCounterMode: a replay would hide them, padding would add some."""
+def test_padded_calls_under_a_flop_counter_count_what_runs():
+    """A padded call runs every op in Python, so FlopCounterMode sees the padded work (graphs go eager, CUDA test)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     engine = AutoSelectEngine(tiny_llava(), tiny_scorer(32), keep=5, score_cache_size=0)
-    packed = packed_batch(engine, llava_requests())
+    packed = packed_batch(engine, llava_requests())  # 29 tokens
     runner = padded_runner(engine, prefill_buckets=(64,))
     with FlopCounterMode(display=False) as eager_counter:
         want = engine.prefill_packed(packed)
     with FlopCounterMode(display=False) as counter:
         got = runner.prefill(packed)
     torch.testing.assert_close(got, want, **TOL)
-    assert counter.get_total_flops() == eager_counter.get_total_flops() > 0
-    assert runner.stats["prefill"].eager == {"dispatch_mode": 1}
+    assert counter.get_total_flops() > eager_counter.get_total_flops() > 0  # 64 tokens' worth against 29
+    assert runner.stats["prefill"].padded == 1
+
+
+def test_padded_stages_read_no_device_value(monkeypatch):
+    """tests/device_values.py's tracker over a whole engine prefill whose runner pads every stage: the padded
+    copies, the padding segment and the captured-shape Scorer + selection read nothing on the host (the CPU
+    attention loop's own reads of the segment bounds aside, as in tests/test_host_sync.py)."""
+    from test_host_sync import _engine_reads, _llava_requests, _tracked_engine
+
+    engine, tracker = _tracked_engine(monkeypatch, tiny_llava(), tiny_scorer(32), keep=5, runner_config=RunnerConfig(pad_to_buckets=True))
+    requests = _llava_requests()
+    want = engine.prefill(requests)  # untracked: creates the static buffers
+    for tensor in engine.runner.static_tensors():  # on a GPU they live on the device
+        tracker.mark(tensor)
+    with tracker:
+        got = engine.prefill(requests)
+    assert [str(r) for r in _engine_reads(tracker)] == [] and tracker.syncs == []
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert {stage: s["padded"] for stage, s in engine.runner.stats_dict().items()} == {"prefill": 2, "vision": 2, "prune": 2}
 
 
 def test_a_kv_cache_is_filled_on_the_eager_path(setup):
@@ -579,6 +597,24 @@ def test_cuda_engine_prefill_with_graphs_equals_eager():
 
 
 @requires_cuda
+def test_cuda_graphed_calls_under_a_flop_counter_run_eagerly():
+    """The report counts FLOPs with FlopCounterMode: a replay would hide them, so graphed calls go eager."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = cuda_engine(tiny_llava, 32, keep=5)
+    packed = packed_batch(engine, llava_requests())
+    runner = graph_runner(engine)
+    runner.prefill(packed)  # captured
+    with FlopCounterMode(display=False) as eager_counter:
+        want = engine.prefill_packed(packed)
+    with FlopCounterMode(display=False) as counter:
+        got = runner.prefill(packed)
+    torch.testing.assert_close(got.float(), want.float(), **FP16)
+    assert counter.get_total_flops() == eager_counter.get_total_flops() > 0
+    assert runner.stats["prefill"].eager == {"dispatch_mode": 1}
+
+
+@requires_cuda
 def test_cuda_capture_prefill_up_front():
     engine = cuda_engine(tiny_llava, 32, keep=5)
     runner = graph_runner(engine, prefill_buckets=(32, 64), request_buckets=(1, 4))
@@ -589,16 +625,19 @@ def test_cuda_capture_prefill_up_front():
 
 
 @requires_cuda
-@pytest.mark.xfail(strict=True, reason="the engine's own host work still reads device values (PruneResult.kept_indices, "
-                   "image_slot_embeddings, the prefill's sequence lengths): only the runner's stages are sync-free so far")
 def test_cuda_whole_engine_prefill_makes_no_sync_after_warm_up():
-    engine = AutoSelectEngine(cuda_engine(tiny_llava, 32, keep=5).model, tiny_scorer(32).to(device="cuda", dtype=torch.float16),
-                              keep=5, score_cache_size=0)
+    """The default engine (all three stages graphed, LLaVA-1.5): prepare, vision, pruning, packing and the
+    prefill of a mixed batch after warm-up, under ``set_sync_debug_mode("error")``."""
+    eager = cuda_engine(tiny_llava, 32, keep=5)
+    engine = AutoSelectEngine(eager.model, eager.scorer, keep=5, score_cache_size=0)
     requests = llava_requests()
-    engine.prefill(requests)  # captures
+    want = engine.prefill(requests)  # captures
+    engine.prefill(requests)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        engine.prefill(requests)
+        got = engine.prefill(requests)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert all(engine.runner.stats[s].graph_replays == 3 for s in ("vision", "prune", "prefill")), engine.runner.stats_dict()

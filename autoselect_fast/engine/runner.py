@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..attention import install_dispatch, varlen_call
+from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
 from ..packing import PackedBatch
 from ..reference import Selection
 
@@ -275,14 +275,22 @@ class Runner:
     def _unpaddable(self) -> Optional[str]:
         """Why no call can be padded / graphed right now (``None``: it can).
 
-        Besides the mode: under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``, as
-        the report counts FLOPs) a replay would hide every operation and padding would count work that is
-        not the request's, so such calls take the eager path."""
+        Besides the mode: a graph replay under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``,
+        as the report counts FLOPs) would hide every operation, so with graphs such calls take the eager
+        path. The padded mode runs every operation in Python and stays padded (what it runs is counted)."""
         if not self.padded:
             return self._eager_reason
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-        return "dispatch_mode" if _get_current_dispatch_mode() is not None else None
+        return "dispatch_mode" if self.graphs and _get_current_dispatch_mode() is not None else None
+
+    def static_tensors(self) -> list[Tensor]:
+        """Every static buffer (and view of one) the padded / graphed calls read and write, for inspection."""
+        with self._lock:
+            out = list((self._prefill_buffers or {}).values())
+            for slots in self._slots.values():
+                out.extend(v for slot in slots.values() for v in slot.inputs.values() if isinstance(v, Tensor))
+        return out
 
     def graph_count(self, stage: str) -> int:
         """Graphs captured so far for ``stage``."""
@@ -353,7 +361,7 @@ class Runner:
         hidden = lm(
             inputs_embeds=embeds[None],
             position_ids=position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
-            attention_mask=None,
+            attention_mask=PACKED_NO_MASK,  # no mask, and none built (see attention.PACKED_NO_MASK)
             cu_seq_lens_q=cu_seqlens,
             cu_seq_lens_k=cu_seqlens,
             max_length_q=max_seqlen,
