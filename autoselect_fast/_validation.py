@@ -88,13 +88,15 @@ def check_same_device(**tensors: Tensor) -> None:
 
 
 def check_cu_seqlens(
-    cu_seqlens: Tensor | None, total: int, *, name: str = "cu_seqlens", device=None, validate: bool = True
+    cu_seqlens: Tensor | None, total: int, *, name: str = "cu_seqlens", device=None, validate: bool = True,
+    allow_empty: bool = False,
 ) -> Tensor:
     """Validate cumulative offsets ``(B+1,)``: cu[0] = 0, non-decreasing, cu[-1] = total.
 
     ``None`` means one segment covering everything. Returns int64 offsets on ``device``.
-    Segments of length 0 are rejected: every image has at least one token. The values are read on
-    the host (a synchronisation for device tensors) only when ``validate``; dtype and shape always.
+    Segments of length 0 are rejected (every image has at least one token) unless ``allow_empty``
+    (varlen attention over a batch padded for a CUDA graph). The values are read on the host (a
+    synchronisation for device tensors) only when ``validate``; dtype and shape always.
     """
     if cu_seqlens is None:
         return single_segment_cu(total, device)
@@ -110,7 +112,9 @@ def check_cu_seqlens(
     if cu_host[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of tokens ({total}), got {cu_host[-1]}")
     lengths = [b - a for a, b in zip(cu_host[:-1], cu_host[1:])]
-    bad = [i for i, n in enumerate(lengths) if n < 1]
+    bad = [i for i, n in enumerate(lengths) if n < (0 if allow_empty else 1)]
+    if bad and allow_empty:
+        raise ValueError(f"{name} must be non-decreasing, got segment lengths {lengths}")
     if bad:
         raise ValueError(f"{name} must be strictly increasing (every segment needs >= 1 token), got segment lengths {lengths}")
     return cu if device is None else to_device(cu, device)

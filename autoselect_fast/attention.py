@@ -152,7 +152,8 @@ def varlen_attention(
 
     Args:
         query: ``(Tq, Hq, d)``; key, value: ``(Tk, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA).
-        cu_seqlens_q / cu_seqlens_k: ``(B+1,)`` int32/int64 segment offsets (``k`` defaults to ``q``).
+        cu_seqlens_q / cu_seqlens_k: ``(B+1,)`` int32/int64 segment offsets (``k`` defaults to ``q``);
+            segments may be empty (the CUDA-graph runner pads its fixed-length offsets with them).
         max_seqlen_q / max_seqlen_k: longest segment (computed when omitted; pass them to avoid a sync).
         scale: softmax scale, default ``d ** -0.5``.
         backend: one of :data:`ATTENTION_BACKENDS`.

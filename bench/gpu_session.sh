@@ -4,11 +4,14 @@
 #   bash bench/gpu_session.sh RESULTS_DIR [SECONDS]      (default budget 560 s)
 #
 # 1. builds the package with the CUDA extension (fails rather than fall back to a CPU-only build),
-# 2. the CUDA tests (compiled Triton kernels, the CUDA packer, host-sync tests),
+# 2. the CUDA tests (compiled Triton kernels, the CUDA packer, host-sync tests; the runner's CUDA-graph
+#    tests first, in their own step),
 # 3. kernel timings (bench/bench_kernels.py: eager and CUDA-graph GPU timeline), packer vs copy bandwidth,
-#    the pruning module (Scorer + selection) at LLaVA-1.5's size,
+#    the pruning module (Scorer + selection) at LLaVA-1.5's size, the runner (each stage eager vs its
+#    CUDA-graph replay, bench/bench_runner.py),
 # 4. TTFT reports of the full-size presets (llava-1.5-7b, qwen2.5-vl-7b serving) and the training
-#    step's peak memory, random weights.
+#    step's peak memory, random weights; last, the torch.compile entry of the runner benchmark (the
+#    language model compiled inside the graphs, batch 1, K = 64; minutes of compilation).
 # Each step has its own time limit (cut to what is left of the budget) and its log in RESULTS_DIR;
 # everything is also packed into RESULTS_DIR/gpu-session.tgz after each step, so a run stopped from
 # outside still leaves one file with all that was done. Set PYTHON to choose the interpreter.
@@ -55,12 +58,16 @@ if ! "$PY" -c "from autoselect_fast import packing, training; assert packing.ext
   echo "=== the CUDA extension did not build: stopping (see install.log)"; tail -n 30 "$STAGE/install.log"; pack; exit 1
 fi
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests-cuda 200 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider $XDIST
+step tests-runner-cuda 150 "$PY" -m pytest tests/test_runner.py -q -k cuda -p no:cacheprovider
+step tests-cuda 200 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider $XDIST --ignore=tests/test_runner.py
+step runner 150 "$PY" bench/bench_runner.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 --out "$STAGE/runner-$GPU-fp16.json"
 step kernels 150 "$PY" bench/bench_kernels.py --out "$STAGE/kernels-$GPU.json"
 step packing 90 "$PY" bench/bench_packing.py --out "$STAGE/packing-$GPU.json"
 step pruning 90 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --out "$STAGE/pruning-$GPU-fp16.json"
 step report-llava-1.5-7b 200 "$PY" -m autoselect_fast bench --preset llava-1.5-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step report-qwen2.5-vl-7b 200 "$PY" -m autoselect_fast bench --preset qwen2.5-vl-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step training-memory 180 "$PY" bench/bench_training_memory.py --preset llava-1.5-7b --batch 8 --keep 64 --out "$STAGE/training-memory-$GPU.json"
+# torch.compile of the language model inside the runner's graphs, against the plain graphs (labelled "graph+torch.compile")
+step runner-compile 240 "$PY" bench/bench_runner.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 --compile --repeats 10 --out "$STAGE/runner-compile-$GPU-fp16.json"
 echo "=== total $(( $(date +%s) - START ))s"; cat "$STAGE/steps.txt"
 pack

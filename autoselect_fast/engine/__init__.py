@@ -7,12 +7,14 @@ One module per concern (``docs/engine.md``, "Layout"):
 * ``sampling``: greedy / temperature, top-k, top-p choice of the next token;
 * ``decode``: the decode loop over the packed prefill's KV cache;
 * ``outputs``: what the stages return (:class:`PruneResult`, :class:`PrefillOutput`, :class:`GenerateOutput`);
-* ``engine``: :class:`AutoSelectEngine` and its stages.
+* ``engine``: :class:`AutoSelectEngine` and its stages;
+* ``runner``: how the device stages execute (eager, padded to buckets, CUDA graphs): :class:`Runner`.
 """
 from .backends import SELECTION_BACKENDS, resolve_attention, resolve_packer, resolve_selection_backend
 from .engine import DEFAULT_SCORE_CACHE_SIZE, AutoSelectEngine
 from .outputs import GenerateOutput, PrefillOutput, PruneResult
 from .request import ImageInput, PreparedBatch, Prompt, Request, build_requests, prepare_batch
+from .runner import Runner, RunnerConfig, prefill_bucket_schedule
 from .sampling import filter_logits, sample_next_tokens
 
 __all__ = [
@@ -33,4 +35,7 @@ __all__ = [
     "resolve_selection_backend",
     "resolve_packer",
     "resolve_attention",
+    "Runner",
+    "RunnerConfig",
+    "prefill_bucket_schedule",
 ]

@@ -12,6 +12,10 @@ model goes through the same stages; what differs per model is asked of its adapt
 5. :meth:`AutoSelectEngine.prefill_packed`: the language model over the packed batch with the varlen
    attention backend; ``lm_head`` only on each request's last token.
 
+The engine decides what each stage computes; how the device stages (vision, Scorer + selection,
+prefill) execute — eagerly, padded to shape buckets, or as replayed CUDA graphs — is the
+:class:`~autoselect_fast.engine.runner.Runner`'s (``engine.runner``; ``docs/engine.md``, "Runner").
+
 :meth:`AutoSelectEngine.prefill` runs 1-5 (with a per-stage timing breakdown when asked);
 :meth:`AutoSelectEngine.generate` decodes from the packed prefill's KV cache (``engine.decode``).
 An engine may be called from several threads at once (``docs/engine.md``, "Threads").
@@ -19,7 +23,7 @@ An engine may be called from several threads at once (``docs/engine.md``, "Threa
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import os
 import threading
 from typing import Hashable, Optional, Sequence, Union
@@ -30,7 +34,6 @@ from torch import Tensor, nn
 from .. import reference
 from .._validation import check_choice, is_int
 from ..budget import check_budget_args, image_budget
-from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
 from ..caching import LRUCache
 from ..models import VLMAdapter, get_adapter
 from ..packing import PackedBatch
@@ -41,6 +44,7 @@ from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_
 from .decode import decode, padded_cache
 from .outputs import GenerateOutput, PrefillOutput, PruneResult, prefill_output
 from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
+from .runner import Runner, RunnerConfig
 from .sampling import check_sampling, request_generators
 
 DEFAULT_SCORE_CACHE_SIZE = 1024
@@ -66,6 +70,10 @@ class AutoSelectEngine:
         image_processor: processor for Pillow images; default: the model's processor class built from its config.
         tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
         score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
+        cuda_graphs: on CUDA, run the vision, pruning and prefill stages as CUDA graphs replayed per
+            shape bucket (``engine.runner``); ``False`` keeps the eager path. Ignored on a CPU.
+        runner_config: a :class:`~autoselect_fast.engine.runner.RunnerConfig` (buckets, graph limits,
+            ``torch.compile``, padding without graphs); ``cuda_graphs=False`` overrides its switch.
 
     The language model's config is pointed once at a dispatching attention implementation
     (``autoselect_fast.attention.install_dispatch``): the model's own implementation for every ordinary
@@ -85,6 +93,8 @@ class AutoSelectEngine:
         image_processor=None,
         tokenizer=None,
         score_cache_size: int = DEFAULT_SCORE_CACHE_SIZE,
+        cuda_graphs: bool = True,
+        runner_config: Optional[RunnerConfig] = None,
     ):
         self.adapter: VLMAdapter = get_adapter(model)
         self.model = model.eval()
@@ -110,8 +120,14 @@ class AutoSelectEngine:
         self._lock = threading.Lock()  # guards the score cache, its counters and the lazy image processor
         self.scorer_calls = 0  # forward calls of the Scorer (one per batch of uncached images)
         self.scored_images = 0  # images the Scorer has scored
-        lm_params = inspect.signature(self.adapter.language_model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # renamed in transformers 5.2x
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+        if runner_config is not None and not isinstance(runner_config, RunnerConfig):
+            raise TypeError(f"runner_config must be a RunnerConfig or None, got {type(runner_config).__name__}")
+        runner_config = RunnerConfig(cuda_graphs=cuda_graphs) if runner_config is None else runner_config
+        if not cuda_graphs:
+            runner_config = dataclasses.replace(runner_config, cuda_graphs=False)
+        self.runner = Runner(self.adapter, self.attention_backend, runner_config, scorer=self.scorer, select=self._select)
 
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
@@ -140,7 +156,7 @@ class AutoSelectEngine:
             return []
         if image_sizes is None:
             image_sizes = [None] * len(pixel_values)
-        return self.adapter.encode(pixel_values, image_sizes)
+        return self.runner.encode(pixel_values, image_sizes)
 
     # -- stage 3: Scorer + selection ---------------------------------------------------------------
     @torch.inference_mode()
@@ -199,18 +215,27 @@ class AutoSelectEngine:
         if budgets is None:
             budgets = [self.budget(f.shape[0]) for f in features]
         _check_budgets(budgets, features)  # on the host: the selection itself runs without data checks
-        flat = torch.cat(list(features))
+        device = features[0].device
         host_cu = cu_seqlens_from_lengths([f.shape[0] for f in features])
-        cu = to_device(host_cu, flat.device)  # host-built offsets: copied without a synchronisation
+        cu = to_device(host_cu, device)  # host-built offsets: copied without a synchronisation
         if positions is not None:
-            positions = to_device(positions, flat.device)
+            positions = to_device(positions, device)
         if all(k == f.shape[0] for k, f in zip(budgets, features)):
             # Keeping every token needs no scores: this is the unpruned baseline, so the Scorer stays idle.
             if positions is None:
-                positions = to_device(reference.default_positions(host_cu), flat.device)
-            everything = torch.arange(flat.shape[0], device=flat.device)
+                positions = to_device(reference.default_positions(host_cu), device)
+            flat = torch.cat(list(features))
+            everything = torch.arange(flat.shape[0], device=device)
             selection = Selection(indices=everything, features=flat, position_ids=positions, cu_seqlens=cu)
-            return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
+            return PruneResult(scores=torch.zeros(flat.shape[0], device=device), token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
+        captured = self.runner.select(features, budgets, positions)
+        if captured is not None:  # equal N and K: padded / graphed, every image scored (the score cache is not consulted)
+            scores, selection = captured
+            with self._score_lock():
+                self.scorer_calls += 1
+                self.scored_images += len(features)
+            return PruneResult(scores=scores, token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
+        flat = torch.cat(list(features))
         scores = torch.cat(self.score(features, keys))
         # Budgets go as a host list: ΣK sizes the outputs without reading the device.
         selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
@@ -252,25 +277,10 @@ class AutoSelectEngine:
     def prefill_packed(self, packed: PackedBatch, cache=None) -> Tensor:
         """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
 
-        ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given.
+        ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given
+        (then the runner takes its eager path: a graph cannot grow a cache).
         """
-        lm = self.adapter.language_model
-        install_dispatch(lm.config)  # a no-op unless the model's implementation was switched since
-        cu = packed.cu_seqlens.to(device=self.device, dtype=torch.int32)
-        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
-        with varlen_call(self.attention_backend):
-            hidden = lm(
-                inputs_embeds=packed.embeds[None],
-                position_ids=packed.position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
-                attention_mask=PACKED_NO_MASK,  # no mask, and none built (see attention.PACKED_NO_MASK)
-                cu_seq_lens_q=cu,
-                cu_seq_lens_k=cu,
-                max_length_q=packed.max_seqlen,
-                max_length_k=packed.max_seqlen,
-                **kwargs,
-            ).last_hidden_state
-        last = hidden[0, packed.last_token_index.to(self.device)]
-        return self.adapter.lm_head(last)
+        return self.runner.prefill(packed, cache)
 
     # -- end to end --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -349,7 +359,7 @@ class AutoSelectEngine:
         first, packed, _ = self._prefill(requests, cache=packed_cache, timings=timings, batch=batch)
         cache, attention_mask = padded_cache(packed_cache, first.sequence_lengths, self.device)
         token_ids = decode(
-            self.adapter, self._cache_kwarg, first.logits, first.next_positions, cache, attention_mask,
+            self.adapter, self.runner.cache_kwarg, first.logits, first.next_positions, cache, attention_mask,
             limits=limits, stops=stops, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             generators=generators,
         )

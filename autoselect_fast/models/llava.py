@@ -7,7 +7,7 @@ appear in the LLM sequence in encoder (row-major patch) order, with no extra tok
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -73,8 +73,24 @@ class LlavaFamilyAdapter(VLMAdapter):
         dtype = next(projector.parameters()).dtype
         return projector(features.to(dtype))
 
-    def _vision_hidden_states(self, pixel_values: Tensor) -> Tensor:
-        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them."""
+    # The vision stage in three steps, so that a runner can replay the middle one from a CUDA graph
+    # (``autoselect_fast.engine.runner``): ``encode = image_features(tower_features(tower_input(pixels)))``.
+    def tower_input(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        """The vision tower's batch ``(tiles, 3, s, s)`` of a list of images (host or device, any float dtype)."""
+        raise NotImplementedError
+
+    def image_features(self, features: Tensor, image_sizes: Sequence[Any]) -> list[Tensor]:
+        """Per image ``(N_i, d_v)`` tokens in sequence order, from :meth:`tower_features` of its batch."""
+        raise NotImplementedError
+
+    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
+        return self.image_features(self.tower_features(self.tower_input(pixel_values)), image_sizes)
+
+    def tower_features(self, pixel_values: Tensor) -> Tensor:
+        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them.
+
+        Every tile is computed on its own (CLIP attends within a tile), so extra tiles in the batch
+        do not change the features of the others."""
         tower = self.inner.vision_tower
         out = tower(pixel_values.to(device=self.device, dtype=self.vision_dtype), output_hidden_states=True, return_dict=True)
         layers = self.config.vision_feature_layer
@@ -127,8 +143,10 @@ class LlavaAdapter(LlavaFamilyAdapter):
     def image_size_of(self, height: int, width: int, image_processor) -> None:
         return None  # every image is resized to one square: N does not depend on the size
 
-    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
-        features = self._vision_hidden_states(torch.stack(list(pixel_values)))
+    def tower_input(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        return torch.stack(list(pixel_values))
+
+    def image_features(self, features: Tensor, image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
         if features.shape[1] != self._layout.num_tokens:
             raise ValueError(f"the vision tower returned {features.shape[1]} tokens per image, expected {self._layout.num_tokens}")
         return list(features.unbind(0))

@@ -119,9 +119,13 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             token_row[:p] = -1
         return ImageLayout(arranged[is_token].long(), token_slot, token_row, newline_slot)
 
-    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
-        tiles = [pv.shape[0] for pv in pixel_values]
-        features = self._vision_hidden_states(torch.cat(list(pixel_values)))
+    def tower_input(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        return torch.cat(list(pixel_values))
+
+    def image_features(self, features: Tensor, image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
+        tiles = [self.num_tiles(_image_size_tuple(size)) for size in image_sizes]
+        if sum(tiles) != features.shape[0]:
+            raise ValueError(f"the vision tower returned features of {features.shape[0]} tiles, the image sizes call for {sum(tiles)}")
         out = []
         for per_image, size in zip(features.split(tiles), image_sizes):
             layout = self.layout(size)

@@ -1,0 +1,605 @@
+"""How the engine's device stages execute: eagerly, padded to shape buckets, or as replayed CUDA graphs.
+
+The engine decides what to compute; this module owns how it runs on the device (``docs/engine.md``,
+"Runner"). Three stages go through a :class:`Runner`:
+
+* ``prefill`` (:meth:`Runner.prefill`): the language model over a :class:`~autoselect_fast.packing.PackedBatch`
+  and ``lm_head`` on each request's last token. The batch is padded up to a bucket of packed tokens
+  (:func:`prefill_bucket_schedule`) and a bucket of requests (:data:`DEFAULT_REQUEST_BUCKETS`) with ONE
+  padding segment: its tokens follow the real ones, ``cu_seqlens`` closes it as a segment of its own
+  (varlen attention keeps it to itself) and the remaining offsets repeat the bucket size (empty
+  segments), so no real token attends to it and every other layer works token by token; its logits
+  are never read. ``max_seqlen`` is the token bucket (a bound for any segment of the batch), fixed
+  per graph, and ``cu_seqlens`` lives in a device buffer: nothing inside the captured region reads a
+  value on the host.
+* ``vision`` (:meth:`Runner.encode`): the CLIP tower of LLaVA-1.5 / LLaVA-NeXT over a static pixel
+  buffer padded to an image-count bucket (tiles for LLaVA-NeXT); every tile is computed on its own,
+  so padding tiles change nothing. Models without a fixed-shape tower (Qwen2.5-VL: its patch count
+  follows each image's resolution) run their adapter's ``encode`` eagerly.
+* ``prune`` (:meth:`Runner.select`): Scorer + hard top-K of a batch whose images all have the same N
+  and the same K (LLaVA-1.5 with a fixed budget; a LLaVA-NeXT batch of same-size images), padded to
+  the image-count bucket; the budgets live in a device tensor with their sum known on the host, so
+  the selection needs no upload inside the graph. Images of different N (dynamic N: LLaVA-NeXT of
+  mixed sizes, Qwen2.5-VL) cannot share one static shape: the engine's eager path runs them.
+
+Modes (:attr:`Runner.mode`): ``"graphs"`` on CUDA with ``cuda_graphs=True`` (the default there): one
+CUDA graph per shape key, captured on first use (or up front with :meth:`Runner.capture_prefill`) after
+``warmup_calls`` eager calls, all graphs sharing one memory pool, then replayed. ``"padded"``: the same
+static buffers and padding run eagerly, no graph (``pad_to_buckets=True`` on a CPU: this is how the
+padding is tested without a GPU). ``"eager"``: today's path, nothing padded (``cuda_graphs=False``, or a
+CPU without ``pad_to_buckets``). A call that does not fit (above the largest bucket, too many requests,
+a KV cache to fill, images of different N, ...) runs eagerly and is counted with its reason in
+:attr:`Runner.stats`.
+
+Threads: the static buffers and graphs are shared, so copy-in, replay and copy-out of every padded or
+graphed call happen under one lock; on CUDA the caller's stream also waits for the previous user's
+last copy-out (an event, no host synchronisation), so threads on different streams are safe too.
+``torch.compile`` of the padded prefill step (``compile_language_model=True``, off by default) compiles
+each bucket's static shape once and is then captured like the plain step.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
+from ..packing import PackedBatch
+from ..ragged import cu_seqlens_from_lengths
+from ..reference import Selection
+
+__all__ = [
+    "DEFAULT_LARGEST_PREFILL_BUCKET",
+    "DEFAULT_REQUEST_BUCKETS",
+    "DEFAULT_VISION_BUCKETS",
+    "RunnerConfig",
+    "StageStats",
+    "Runner",
+    "prefill_bucket_schedule",
+    "bucket_for",
+]
+
+DEFAULT_LARGEST_PREFILL_BUCKET = 4096
+#: Requests per prefill graph (the padding segment comes on top). Each bucket is a graph per token
+#: bucket; a coarse ×4 ladder keeps the graph count down, and empty segments cost varlen attention only
+#: an early exit per (segment, row block, head).
+DEFAULT_REQUEST_BUCKETS = (1, 4, 16, 64)
+#: Images (LLaVA-1.5) or tiles (LLaVA-NeXT) per vision / pruning graph.
+DEFAULT_VISION_BUCKETS = (1, 2, 4, 8, 16, 32)
+STAGES = ("prefill", "vision", "prune")
+MODES = ("graphs", "padded", "eager")
+
+
+def prefill_bucket_schedule(largest: int = DEFAULT_LARGEST_PREFILL_BUCKET) -> tuple[int, ...]:
+    """Packed-token buckets: every 32 tokens up to 512, then 8 buckets per doubling up to ``largest``.
+
+    ``32, 64, ..., 512, 576, 640, ..., 1024, 1152, ..., 2048, 2304, ..., 4096`` (40 buckets for 4096).
+    Why: below a few hundred tokens a 7B prefill is bound by reading the weights (an H200 turns
+    ~200 FLOPs per fp16 weight byte, i.e. ~200 tokens, before compute dominates), so padding a batch
+    there by up to 31 tokens costs next to nothing; above 512 the prefill is compute-bound and the
+    steps grow with the size (1/8 of the octave: 64 from 512, 128 from 1024, 256 from 2048), which caps
+    the padding at 12.5 % of the tokens while the number of graphs grows only logarithmically.
+    vLLM's decode ladder (8-token steps to 256, 16 to 512) is finer because a decode step is one token
+    per request; SGLang's prefill ladders are coarser still. ``largest`` is the last bucket
+    (appended when the ladder does not land on it); a batch above it runs eagerly.
+    """
+    if isinstance(largest, bool) or not isinstance(largest, int) or largest < 1:
+        raise ValueError(f"largest must be an int >= 1 (packed tokens), got {largest!r}")
+    buckets, size = [], 0
+    while size < largest:
+        step = 32 if size < 512 else (1 << (size.bit_length() - 1)) // 8
+        size = min(size + step, largest)
+        buckets.append(size)
+    return tuple(buckets)
+
+
+def bucket_for(size: int, buckets: Sequence[int]) -> Optional[int]:
+    """The smallest bucket >= ``size``, or ``None`` above the largest (a plain scan: ladders are short, and Dynamo traces it)."""
+    return next((bucket for bucket in buckets if bucket >= size), None)
+
+
+def _check_ladder(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty list of increasing ints >= 1, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value) or any(a >= b for a, b in zip(value[:-1], value[1:])):
+        raise ValueError(f"{name} must be a non-empty list of increasing ints >= 1, got {list(value)!r}")
+    return tuple(value)
+
+
+@dataclass
+class RunnerConfig:
+    """How an engine's device stages run (see the module docstring).
+
+    Attributes:
+        cuda_graphs: capture and replay CUDA graphs on a CUDA device (ignored elsewhere). ``False``
+            keeps the eager path of every stage.
+        pad_to_buckets: pad to the buckets without graphs (``True``; on a CPU this is the tested
+            padded path), or not at all (``False``, only with graphs off). ``None``: pad exactly when
+            graphs are used.
+        prefill_buckets: packed-token buckets, increasing; default :func:`prefill_bucket_schedule`
+            up to ``largest_prefill_bucket``.
+        largest_prefill_bucket: the last bucket of the default schedule.
+        request_buckets: requests per prefill graph.
+        vision_buckets: images (LLaVA-1.5) or tiles (LLaVA-NeXT) per vision and pruning graph.
+        max_graphs: graphs per stage at most; a new shape beyond it runs eagerly (counted).
+        warmup_calls: eager calls on a side stream before a capture (cuBLAS/Triton set-up, compilation).
+        compile_language_model: ``torch.compile`` the padded prefill step (each bucket compiles once;
+            off by default); ``compile_options`` are passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
+    """
+
+    cuda_graphs: bool = True
+    pad_to_buckets: Optional[bool] = None
+    prefill_buckets: Optional[Sequence[int]] = None
+    largest_prefill_bucket: int = DEFAULT_LARGEST_PREFILL_BUCKET
+    request_buckets: Sequence[int] = DEFAULT_REQUEST_BUCKETS
+    vision_buckets: Sequence[int] = DEFAULT_VISION_BUCKETS
+    max_graphs: int = 128
+    warmup_calls: int = 2
+    compile_language_model: bool = False
+    compile_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("cuda_graphs", "compile_language_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.pad_to_buckets is not None and not isinstance(self.pad_to_buckets, bool):
+            raise TypeError(f"pad_to_buckets must be None or a bool, got {self.pad_to_buckets!r}")
+        if self.prefill_buckets is None:
+            self.prefill_buckets = prefill_bucket_schedule(self.largest_prefill_bucket)
+        self.prefill_buckets = _check_ladder("prefill_buckets", self.prefill_buckets)
+        self.request_buckets = _check_ladder("request_buckets", self.request_buckets)
+        self.vision_buckets = _check_ladder("vision_buckets", self.vision_buckets)
+        for name, low in (("max_graphs", 0), ("warmup_calls", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.compile_options, dict):
+            raise TypeError(f"compile_options must be a dict of torch.compile keyword arguments, got {type(self.compile_options).__name__}")
+        if self.compile_options.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_options mode={self.compile_options['mode']!r} captures its own CUDA graphs; the runner captures the "
+                             "compiled step itself: use mode='default' or 'max-autotune-no-cudagraphs'")
+
+
+@dataclass
+class StageStats:
+    """What one stage did: graph replays, captures, padded eager runs (no graph) and eager runs by reason."""
+
+    graph_replays: int = 0
+    captures: int = 0
+    padded: int = 0
+    eager: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"graph_replays": self.graph_replays, "captures": self.captures, "padded": self.padded, "eager": dict(self.eager)}
+
+
+@dataclass
+class _Slot:
+    """One shape key of a stage: its static inputs, and once captured its graph and static output."""
+
+    inputs: dict
+    graph: Any = None
+    output: Any = None
+    failed: Optional[str] = None
+
+
+def _copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)``; a host tensor goes to a CUDA buffer through pinned memory without blocking the host."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.to(dst.dtype).pin_memory()  # cast first: a casting copy would stage through pageable memory
+        dst.copy_(src, non_blocking=True)
+    else:
+        dst.copy_(src)
+
+
+def _map_tensors(fn: Callable[[Tensor], Tensor], value):
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, Selection):
+        return Selection(*(_map_tensors(fn, getattr(value, name)) for name in ("indices", "features", "position_ids", "cu_seqlens")))
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(fn, v) for v in value)
+    return value
+
+
+class Runner:
+    """Runs the prefill, vision and pruning stages of one model (see the module docstring).
+
+    Args:
+        adapter: the model's :class:`~autoselect_fast.models.VLMAdapter`.
+        attention_backend: the resolved varlen backend of the packed prefill (``attention.resolve_backend``).
+        config: a :class:`RunnerConfig` (default: graphs on CUDA, eager elsewhere).
+        scorer: the Scorer (needed by :meth:`select`).
+        select: the selection function, called as the engine calls it
+            (``select(scores, features, k, cu_seqlens, positions=, position_mode=, total_k=, max_seqlen=)``).
+    """
+
+    def __init__(self, adapter, attention_backend: str, config: Optional[RunnerConfig] = None, *,
+                 scorer: Optional[torch.nn.Module] = None, select: Optional[Callable[..., Selection]] = None):
+        config = RunnerConfig() if config is None else config
+        if not isinstance(config, RunnerConfig):
+            raise TypeError(f"config must be a RunnerConfig, got {type(config).__name__}")
+        self.adapter, self.config, self.attention_backend = adapter, config, attention_backend
+        self.scorer, self._select = scorer, select
+        self.device = adapter.device
+        on_cuda = self.device.type == "cuda"
+        self.graphs = config.cuda_graphs and on_cuda
+        if self.graphs and config.pad_to_buckets is False:
+            raise ValueError("pad_to_buckets=False needs cuda_graphs=False on CUDA: a CUDA graph replays fixed shapes, so graphed batches are always padded")
+        self.padded = self.graphs if config.pad_to_buckets is None else config.pad_to_buckets
+        self.mode = "graphs" if self.graphs else "padded" if self.padded else "eager"
+        self._eager_reason = "graphs_off" if not config.cuda_graphs else "not_cuda"
+        self.stats: dict[str, StageStats] = {stage: StageStats() for stage in STAGES}
+        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()  # static buffers, slots and graphs: one user at a time
+        self._slots: dict[str, dict[Hashable, _Slot]] = {stage: {} for stage in STAGES}
+        self._pool = None
+        self._last_use = None  # CUDA event recorded after each padded call's copy-out
+        self._prefill_buffers: Optional[dict] = None
+        lm = adapter.language_model
+        #: the language model's cache argument: renamed from past_key_values to cache in transformers 5.2x
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._padded_logits = self._language_model_logits
+        if config.compile_language_model:
+            self._padded_logits = torch.compile(self._language_model_logits, dynamic=False, **config.compile_options)
+
+    # ---------------------------------------------------------------------------------------------
+    # Bookkeeping
+    # ---------------------------------------------------------------------------------------------
+    def stats_dict(self) -> dict:
+        with self._stats_lock:
+            return {stage: s.as_dict() for stage, s in self.stats.items()}
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self.stats = {stage: StageStats() for stage in STAGES}
+
+    def _count(self, stage: str, what: str, reason: Optional[str] = None) -> None:
+        if torch.compiler.is_compiling():  # a traced engine stage (tests/test_host_sync.py): nothing runs, nothing to count
+            return
+        with self._stats_lock:
+            stats = self.stats[stage]
+            if what == "eager":
+                stats.eager[reason] += 1
+            else:
+                setattr(stats, what, getattr(stats, what) + 1)
+
+    def _unpaddable(self) -> Optional[str]:
+        """Why no call can be padded / graphed right now (``None``: it can).
+
+        Besides the mode: a graph replay under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``,
+        as the report counts FLOPs) would hide every operation, so with graphs such calls take the eager
+        path. The padded mode runs every operation in Python and stays padded (what it runs is counted)."""
+        if not self.padded:
+            return self._eager_reason
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return "dispatch_mode" if self.graphs and _get_current_dispatch_mode() is not None else None
+
+    def static_tensors(self) -> list[Tensor]:
+        """Every static buffer (and view of one) the padded / graphed calls read and write, for inspection."""
+        with self._lock:
+            out = list((self._prefill_buffers or {}).values())
+            for slots in self._slots.values():
+                out.extend(v for slot in slots.values() for v in slot.inputs.values() if isinstance(v, Tensor))
+        return out
+
+    def graph_count(self, stage: str) -> int:
+        """Graphs captured so far for ``stage``."""
+        return sum(slot.graph is not None for slot in self._slots[stage].values())
+
+    def _begin(self) -> None:
+        """Order this call after the previous user's copy-out, on whatever stream each thread uses."""
+        if self.device.type == "cuda" and self._last_use is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_use)
+
+    def _end(self) -> None:
+        if self.device.type == "cuda":
+            if self._last_use is None:
+                self._last_use = torch.cuda.Event()
+            self._last_use.record(torch.cuda.current_stream(self.device))
+
+    def _run_slot(self, stage: str, key: Hashable, slot: _Slot, step: Callable[[], Any]):
+        """Run ``step`` (reading ``slot``'s static inputs): replay its graph (capturing it first), or call it.
+
+        Returns ``(output, graphed)``; a graphed output is the graph's static tensors (copy before the
+        next call). Called with the runner lock held.
+        """
+        if not self.graphs:
+            self._count(stage, "padded")
+            return step(), False
+        if slot.graph is None and slot.failed is None:
+            if self.graph_count(stage) >= self.config.max_graphs:
+                self._count(stage, "eager", "graph_limit")
+                return step(), False
+            try:
+                slot.graph, slot.output = self._capture(step)
+            except Exception as exc:  # noqa: BLE001 - said loudly, counted, and this shape stays eager
+                slot.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                warnings.warn(f"runner: CUDA-graph capture of the {stage} stage at shape {key} failed; that shape runs eagerly from now on ({slot.failed})",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                self._count(stage, "captures")
+        if slot.failed is not None:
+            self._count(stage, "eager", "capture_failed")
+            return step(), False
+        slot.graph.replay()
+        self._count(stage, "graph_replays")
+        return slot.output, True
+
+    def _capture(self, step: Callable[[], Any]):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: library handles, Triton and Inductor compilation
+            for _ in range(self.config.warmup_calls):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads may keep using CUDA (eager stages of other calls) during a capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            output = step()
+        return graph, output
+
+    # ---------------------------------------------------------------------------------------------
+    # Prefill
+    # ---------------------------------------------------------------------------------------------
+    def _language_model_logits(self, embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                               last_token_index: Tensor, cache=None) -> Tensor:
+        """The language model over one packed sequence, ``lm_head`` on the given rows: the one home of this call."""
+        lm = self.adapter.language_model
+        cache_kwargs = {self.cache_kwarg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        hidden = lm(
+            inputs_embeds=embeds[None],
+            position_ids=position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
+            attention_mask=PACKED_NO_MASK,  # no mask, and none built (see attention.PACKED_NO_MASK)
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+            **cache_kwargs,
+        ).last_hidden_state
+        return self.adapter.lm_head(hidden[0, last_token_index])
+
+    @torch.inference_mode()
+    def prefill(self, packed: PackedBatch, cache=None) -> Tensor:
+        """``(B, vocab)`` last-token logits of ``packed``; ``cache`` (a ``DynamicCache``) is filled eagerly.
+
+        Padded / graphed when the batch fits a token bucket and a request bucket and no cache is asked
+        for; otherwise the eager path, counted with its reason in ``stats["prefill"]``.
+        """
+        install_dispatch(self.adapter.language_model.config)  # a no-op unless the model's implementation was switched since
+        tokens, requests = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1
+        reason = self._unpaddable() or ("kv_cache" if cache is not None else None)
+        token_bucket = bucket_for(tokens, self.config.prefill_buckets)
+        request_bucket = bucket_for(requests, self.config.request_buckets)
+        if reason is None and token_bucket is None:
+            reason = "above_largest_bucket"
+        if reason is None and request_bucket is None:
+            reason = "too_many_requests"
+        if reason is not None:
+            self._count("prefill", "eager", reason)
+            return self._eager_prefill(packed, cache)
+        with self._lock:
+            self._begin()
+            slot = self._prefill_slot(packed, token_bucket, request_bucket)
+            self._fill_prefill(slot, packed)
+            out, graphed = self._run_slot("prefill", (token_bucket, request_bucket), slot, functools.partial(self._prefill_step, slot))
+            logits = out[:requests].clone() if graphed else out[:requests]
+            self._end()
+        return logits
+
+    def _eager_prefill(self, packed: PackedBatch, cache) -> Tensor:
+        cu = packed.cu_seqlens.to(device=self.device, dtype=torch.int32)
+        with varlen_call(self.attention_backend):
+            return self._language_model_logits(packed.embeds, packed.position_ids, cu, packed.max_seqlen,
+                                               packed.last_token_index.to(self.device), cache)
+
+    def _prefill_step(self, slot: _Slot) -> Tensor:
+        s = slot.inputs
+        with varlen_call(self.attention_backend), self._compile_limit():
+            return self._padded_logits(s["embeds"], s["positions"], s["cu_seqlens"], s["max_seqlen"], s["last"])
+
+    def _compile_limit(self):
+        """With ``compile_language_model``: room for one compiled graph per prefill shape (Dynamo's default
+        limit of 8 recompilations would silently send later buckets to eager)."""
+        if not self.config.compile_language_model:
+            return contextlib.nullcontext()
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        shapes = len(self.config.prefill_buckets) * len(self.config.request_buckets)
+        return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), shapes + 8)})
+
+    def _prefill_slot(self, packed: PackedBatch, token_bucket: int, request_bucket: int) -> _Slot:
+        """The static inputs of one (token bucket, request bucket): views of buffers shared by every bucket."""
+        slots = self._slots["prefill"]
+        key = (token_bucket, request_bucket)
+        if key in slots:
+            return slots[key]
+        buffers = self._prefill_buffers
+        hidden, dtype = packed.embeds.shape[1], packed.embeds.dtype
+        if buffers is None:
+            largest, most = self.config.prefill_buckets[-1], self.config.request_buckets[-1]
+            rows = self.adapter.position_rows
+            buffers = self._prefill_buffers = {
+                "embeds": torch.zeros(largest, hidden, dtype=dtype, device=self.device),
+                # padding rows keep whatever positions they last held: valid values that no real token sees
+                "positions": torch.arange(largest, device=self.device).expand(rows, largest).contiguous(),
+                "cu_seqlens": torch.zeros(most + 2, dtype=torch.int32, device=self.device),
+                "last": torch.zeros(most, dtype=torch.int64, device=self.device),
+            }
+        if buffers["embeds"].shape[1] != hidden or buffers["embeds"].dtype != dtype:
+            raise ValueError(f"packed.embeds must be (T, {buffers['embeds'].shape[1]}) {buffers['embeds'].dtype} as earlier batches, got (T, {hidden}) {dtype}")
+        positions = buffers["positions"][:, :token_bucket]
+        slot = _Slot({
+            "embeds": buffers["embeds"][:token_bucket],
+            "positions": positions[0] if positions.shape[0] == 1 else positions,
+            "cu_seqlens": buffers["cu_seqlens"][:request_bucket + 2],
+            "last": buffers["last"][:request_bucket],
+            "max_seqlen": token_bucket,
+        })
+        slots[key] = slot
+        return slot
+
+    def _fill_prefill(self, slot: _Slot, packed: PackedBatch) -> None:
+        """Copy the real batch into the slot's static inputs and close the padding segment."""
+        s = slot.inputs
+        tokens, requests, bucket = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1, s["max_seqlen"]
+        _copy_into(s["embeds"][:tokens], packed.embeds)
+        _copy_into(s["positions"][..., :tokens], packed.position_ids.view(s["positions"].shape[:-1] + (tokens,)))
+        _copy_into(s["cu_seqlens"][:requests + 1], packed.cu_seqlens)
+        s["cu_seqlens"][requests + 1:].fill_(bucket)  # the padding segment [T, bucket), then empty segments
+        _copy_into(s["last"][:requests], packed.last_token_index)
+        s["last"][requests:].fill_(bucket - 1)  # rows nobody reads
+
+    def capture_prefill(self, token_buckets: Optional[Sequence[int]] = None, request_buckets: Optional[Sequence[int]] = None, *,
+                        hidden_size: Optional[int] = None) -> int:
+        """Capture the prefill graphs of these buckets now (default: all), largest first; returns how many were new.
+
+        Capturing up front keeps captures out of served calls and sizes the shared memory pool once.
+        Runs a dummy batch of one request per shape; does nothing outside the ``"graphs"`` mode.
+        """
+        if not self.graphs:
+            return 0
+        lm = self.adapter.language_model
+        hidden = hidden_size or int(lm.config.hidden_size)
+        dtype = self.adapter.embed_tokens.weight.dtype
+        rows = self.adapter.position_rows
+        before = self.graph_count("prefill")
+        for tokens in sorted(token_buckets or self.config.prefill_buckets, reverse=True):
+            for requests in sorted(request_buckets or self.config.request_buckets, reverse=True):
+                if requests > tokens:
+                    continue
+                bounds = torch.linspace(0, tokens, requests + 1).round().long()
+                dummy = PackedBatch(
+                    embeds=torch.zeros(tokens, hidden, dtype=dtype, device=self.device),
+                    cu_seqlens=bounds.to(torch.int32),
+                    max_seqlen=int(bounds.diff().max()),
+                    position_ids=torch.zeros(tokens, dtype=torch.int64) if rows == 1 else torch.zeros(rows, tokens, dtype=torch.int64),
+                    last_token_index=bounds[1:] - 1,
+                )
+                self.prefill(dummy)
+        return self.graph_count("prefill") - before
+
+    # ---------------------------------------------------------------------------------------------
+    # Vision
+    # ---------------------------------------------------------------------------------------------
+    def vision_graphable(self) -> bool:
+        """True when the model's vision tower has a fixed input shape per tile (the LLaVA family)."""
+        return callable(getattr(self.adapter, "tower_input", None)) and callable(getattr(self.adapter, "image_features", None))
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
+        """Pre-projector features per image, as ``adapter.encode``; the tower padded / graphed per image-count bucket."""
+        adapter = self.adapter
+        reason = self._unpaddable() or (None if self.vision_graphable() else "model_not_graphable")
+        if reason is not None:
+            self._count("vision", "eager", reason)
+            return adapter.encode(pixel_values, image_sizes)
+        batch = adapter.tower_input(pixel_values)
+        count = batch.shape[0]
+        bucket = bucket_for(count, self.config.vision_buckets)
+        if bucket is None:
+            self._count("vision", "eager", "above_largest_bucket")
+            return adapter.encode(pixel_values, image_sizes)
+        with self._lock:
+            self._begin()
+            slot = self._vision_slot(batch, bucket)
+            _copy_into(slot.inputs["pixels"][:count], batch)
+            step = functools.partial(adapter.tower_features, slot.inputs["pixels"])
+            out, graphed = self._run_slot("vision", bucket, slot, step)
+            features = out[:count].clone() if graphed else out[:count]
+            self._end()
+        return adapter.image_features(features, image_sizes)
+
+    def _vision_slot(self, batch: Tensor, bucket: int) -> _Slot:
+        slots = self._slots["vision"]
+        if bucket not in slots:
+            # one pixel buffer for every bucket (views of it): sized by the largest bucket
+            shared = next(iter(slots.values())).inputs["buffer"] if slots else None
+            if shared is None:
+                dtype = next(self.adapter.inner.vision_tower.parameters()).dtype
+                shared = torch.zeros((self.config.vision_buckets[-1],) + tuple(batch.shape[1:]), dtype=dtype, device=self.device)
+            slots[bucket] = _Slot({"buffer": shared, "pixels": shared[:bucket]})
+        slot = slots[bucket]
+        if tuple(batch.shape[1:]) != tuple(slot.inputs["buffer"].shape[1:]):
+            raise ValueError(f"pixel_values tiles must have shape {tuple(slot.inputs['buffer'].shape[1:])} as earlier batches, got {tuple(batch.shape[1:])}")
+        return slot
+
+    # ---------------------------------------------------------------------------------------------
+    # Pruning: Scorer + selection
+    # ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def select(self, features: Sequence[Tensor], budgets: Sequence[int], positions: Optional[Tensor] = None) -> Optional[tuple[Tensor, Selection]]:
+        """Scores ``(ΣN,)`` and the selection of K tokens per image, padded / graphed, or ``None``.
+
+        ``None`` (counted with its reason) tells the engine to run its own eager path: eager mode,
+        images of different N (dynamic N), different budgets, or more images than the largest bucket.
+        The Scorer scores every image here: the engine's score cache is not consulted on this path.
+        ``positions``: ``(ΣN,)`` or ``(3, ΣN)`` full-sequence positions (default 0..N-1 per image).
+        """
+        if self.scorer is None or self._select is None:
+            raise ValueError("Runner.select needs the scorer and select function given to the Runner")
+        reason = self._unpaddable()
+        if reason is not None:
+            self._count("prune", "eager", reason)
+            return None
+        count = len(features)
+        bucket = bucket_for(count, self.config.vision_buckets)
+        reason = ("dynamic_n" if len({f.shape[0] for f in features}) != 1 else "unequal_budgets" if len(set(budgets)) != 1
+                  else "above_largest_bucket" if bucket is None else None)
+        if reason is not None:
+            self._count("prune", "eager", reason)
+            return None
+        n, k = features[0].shape[0], int(budgets[0])
+        with self._lock:
+            self._begin()
+            slot = self._prune_slot(features[0], bucket, n, k)
+            s = slot.inputs
+            torch.cat(list(features), out=s["features"][:count * n])
+            if positions is None:
+                positions = reference.default_positions(cu_seqlens_from_lengths([n] * count))
+            _copy_into(s["positions"][..., :count * n], positions.reshape(s["positions"].shape[:-1] + (count * n,)))
+            out, graphed = self._run_slot("prune", (bucket, n, k), slot, functools.partial(self._prune_step, slot))
+            scores, sel = out
+            keep = count * k
+            result = (scores[:count * n], Selection(sel.indices[:keep], sel.features[:keep], sel.position_ids[..., :keep], sel.cu_seqlens[:count + 1]))
+            if graphed:
+                result = _map_tensors(torch.clone, result)
+            self._end()
+        return result
+
+    def _prune_slot(self, example: Tensor, bucket: int, n: int, k: int) -> _Slot:
+        slots = self._slots["prune"]
+        key = (bucket, n, k)
+        if key not in slots:
+            rows, device = self.adapter.position_rows, self.device
+            positions = torch.zeros(rows, bucket * n, dtype=torch.int64, device=device)
+            slots[key] = _Slot({
+                "features": torch.zeros(bucket * n, example.shape[-1], dtype=example.dtype, device=device),
+                "positions": positions[0] if rows == 1 else positions,
+                "cu_seqlens": torch.arange(0, (bucket + 1) * n, n, dtype=torch.int64, device=device),
+                "budgets": torch.full((bucket,), k, dtype=torch.int64, device=device),  # a device tensor + total_k: no upload in the graph
+                "bucket": bucket, "n": n, "k": k,
+            })
+        return slots[key]
+
+    def _prune_step(self, slot: _Slot) -> tuple[Tensor, Selection]:
+        s = slot.inputs
+        dtype = next(self.scorer.parameters()).dtype
+        flat = s["features"]
+        scores = self.scorer(flat.to(dtype).view(s["bucket"], s["n"], flat.shape[-1])).reshape(-1).float()
+        selection = self._select(scores, flat, s["budgets"], s["cu_seqlens"], positions=s["positions"], position_mode="original",
+                                 total_k=s["bucket"] * s["k"], max_seqlen=s["n"])
+        return scores, selection
