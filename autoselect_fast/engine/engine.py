@@ -19,11 +19,12 @@ An engine may be called from several threads at once (``docs/engine.md``, "Threa
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +39,9 @@ from ..placeholders import text_columns
 from ..reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
-from .decode import decode, padded_cache
+from .decode import DEFAULT_READ_EVERY, DecodeRunner, ModelStep, StopRule, check_read_every, decode
 from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
-from .sampling import check_sampling, request_generators
+from .sampling import check_sampling, request_generators, sample_next_tokens
 
 DEFAULT_SCORE_CACHE_SIZE = 1024
 
@@ -123,6 +124,8 @@ class AutoSelectEngine:
         image_processor: processor for Pillow images; default: the model's processor class built from its config.
         tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
         score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
+        cuda_graphs: on a CUDA device, decode steps replay a CUDA graph per batch-size bucket
+            (``engine.decode``); ``False`` runs them eagerly (as on a CPU). :attr:`decode_stats` counts both.
 
     The language model's config is pointed once at a dispatching attention implementation
     (``autoselect_fast.attention.install_dispatch``): the model's own implementation for every ordinary
@@ -142,6 +145,7 @@ class AutoSelectEngine:
         image_processor=None,
         tokenizer=None,
         score_cache_size: int = DEFAULT_SCORE_CACHE_SIZE,
+        cuda_graphs: bool = True,
     ):
         self.adapter: VLMAdapter = get_adapter(model)
         self.model = model.eval()
@@ -169,6 +173,13 @@ class AutoSelectEngine:
         self.scored_images = 0  # images the Scorer has scored
         lm_params = inspect.signature(self.adapter.language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # renamed in transformers 5.2x
+        adapter = self.adapter
+        self.decoder = DecodeRunner(ModelStep(adapter.language_model, adapter.embed_tokens, adapter.lm_head, self._cache_kwarg), cuda_graphs=cuda_graphs)
+
+    @property
+    def decode_stats(self) -> dict:
+        """Decode steps replayed from CUDA graphs and run eagerly, captures, and calls that ran eagerly by reason."""
+        return self.decoder.stats.as_dict()
 
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
@@ -337,7 +348,8 @@ class AutoSelectEngine:
     def prefill_packed(self, packed: PackedBatch, cache=None) -> Tensor:
         """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
 
-        ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given.
+        ``cache`` is filled with the packed keys/values when given: a transformers ``DynamicCache``, or
+        the writer of a decode cache (``kv_cache.DecodeCache.prefill_writer``).
         """
         lm = self.adapter.language_model
         install_dispatch(lm.config)  # a no-op unless the model's implementation was switched since
@@ -365,10 +377,13 @@ class AutoSelectEngine:
         ``timings=True`` fills :attr:`PrefillOutput.timings_ms`, synchronising the device around every
         stage; by default nothing synchronises for the sake of timing and ``timings_ms`` is ``{}``.
         """
-        out, _, _ = self._prefill(requests, cache=None, timings=timings)
+        out, _, _ = self._prefill(requests, timings=timings)
         return out
 
-    def _prefill(self, requests, cache, timings: bool, batch: Optional[PreparedBatch] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+    def _prefill(self, requests, timings: bool, batch: Optional[PreparedBatch] = None,
+                 cache_for: Optional[Callable[[PackedBatch], Any]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+        """Stages 1-5; ``cache_for(packed)`` (called between packing and the prefill, outside the timed
+        stages) gives the cache the prefill fills."""
         if not isinstance(timings, bool):
             raise TypeError(f"timings must be a bool, got {timings!r}")
         batch = self.prepare(requests) if batch is None else batch
@@ -383,6 +398,7 @@ class AutoSelectEngine:
             pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions)
         with stage("pack"):
             packed = self.pack(batch, pruned)
+        cache = None if cache_for is None else cache_for(packed)
         with stage("prefill"):
             logits = self.prefill_packed(packed, cache)
         timings_ms = {}
@@ -423,6 +439,7 @@ class AutoSelectEngine:
         top_p: float = 1.0,
         seed: Optional[int] = None,
         timings: bool = False,
+        read_every: int = DEFAULT_READ_EVERY,
     ) -> GenerateOutput:
         """Decoding after a pruned, packed prefill: the new token ids per request and that prefill.
 
@@ -436,27 +453,35 @@ class AutoSelectEngine:
                 with ``seed + r`` (r: its index in the batch); with neither, torch's global generator
                 is used. A request with its own seed samples the same tokens whatever the rest of the batch.
             timings: as for :meth:`prefill` (the prefill's stage times in ``GenerateOutput.prefill``).
+            read_every: decode steps between two reads of the "every request finished" flag on the
+                host (the decode loop's only synchronisation; the tokens are read once, at the end).
 
-        The KV cache holds only the kept tokens; decoding continues at each request's largest position
-        + 1 (every M-RoPE row), one more per step.
+        The prefill writes the kept tokens' keys/values straight into a decode cache sized for this
+        batch (``engine.decode``); decoding continues at each request's largest position + 1 (every
+        M-RoPE row), one more per step.
         """
         check_max_new_tokens("max_new_tokens", max_new_tokens)
         eos = stop_set("eos_token_id", eos_token_id)
         check_sampling(do_sample, temperature, top_k, top_p, seed)
+        check_read_every(read_every)
         batch = self.prepare(requests)
-        limits = [m if m is not None else max_new_tokens for m in batch.max_new_tokens]
-        stops = [eos | own for own in batch.stop_token_ids]
-        generators = request_generators(batch.seeds, seed, self.device)
-        from transformers import DynamicCache
+        rule = StopRule(limits=[m if m is not None else max_new_tokens for m in batch.max_new_tokens],
+                        stop_tokens=[eos | own for own in batch.stop_token_ids])
+        sample = functools.partial(sample_next_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generators=request_generators(batch.seeds, seed, self.device))
+        held = []
 
-        packed_cache = DynamicCache()
-        first, packed, _ = self._prefill(requests, cache=packed_cache, timings=timings, batch=batch)
-        cache, attention_mask = padded_cache(packed_cache, packed.cu_seqlens, self.device)
-        token_ids = decode(
-            self.adapter, self._cache_kwarg, first.logits, first.next_positions, cache, attention_mask,
-            limits=limits, stops=stops, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            generators=generators,
-        )
+        def decode_cache(packed: PackedBatch):
+            lengths = packed.cu_seqlens.diff().tolist()
+            held.append(self.decoder.acquire(len(lengths), max(lengths) + max(rule.limits)))
+            return held[0].cache.prefill_writer(lengths)
+
+        try:
+            first, _, _ = self._prefill(requests, timings=timings, batch=batch, cache_for=decode_cache)
+            token_ids = decode(held[0], first.logits, first.next_positions, rule, sample, read_every=read_every)
+        finally:
+            if held:
+                self.decoder.release(held[0])
         return GenerateOutput(token_ids=token_ids, prefill=first)
 
 
