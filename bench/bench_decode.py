@@ -8,8 +8,10 @@ so every request runs to ``--new-tokens``) is measured as ``B * (N - 1) / (t(N) 
 the median wall time of ``engine.generate(..., max_new_tokens=n)``, so the prefill and the first token
 cancel out and what remains is the N - 1 decode steps with everything around them (sampling, stop
 checks, read-backs). ``--baseline`` adds the unmodified model's ``generate`` on the same requests
-(every visual token, its own cache; the static cache where it works, else the dynamic one, and the JSON
-says which), measured the same way. The JSON holds device, versions, shapes, dtype and the times.
+(every visual token, a left-padded batch; the static cache where it works, else the dynamic one, and the
+JSON says which), measured the same way. transformers compiles the forward of a static-cache
+``generate`` on CUDA by itself (minutes); that is switched off (``disable_compile=True``) unless
+``--baseline-compile`` is given. The JSON holds device, versions, shapes, dtype and the times.
 Benchmarks never assert timings.
 """
 from __future__ import annotations
@@ -61,9 +63,11 @@ def decode_rate(generate, batch: int, new_tokens: int, device, warmup: int, repe
             "decode_tokens_per_s": batch * (new_tokens - 1) / (steps_ms / 1e3) if steps_ms > 0 else float("nan")}
 
 
-def transformers_generate(setup: BenchSetup, requests: list[Request]):
+def transformers_generate(setup: BenchSetup, requests: list[Request], compile_forward: bool = False):
     """The unmodified model's ``generate`` over the same requests (left-padded batch, every visual token)."""
     engine, model = setup.engine, setup.model
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        raise ValueError(f"--baseline builds LLaVA-1.5 inputs (one image per request); preset {setup.preset.name!r} is a {type(model).__name__}")
     batch = engine.prepare(requests)
     image_token = engine.adapter.image_token_id
     rows = []
@@ -76,7 +80,7 @@ def transformers_generate(setup: BenchSetup, requests: list[Request]):
     ids = torch.tensor([[0] * (longest - len(x)) + x for x in rows], device=setup.device)
     mask = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in rows], device=setup.device)
     pixels = torch.stack([p.reshape(-1, *p.shape[-3:])[0] for p in batch.pixel_values]).to(setup.device, setup.dtype)
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, disable_compile=not compile_forward)
     try:  # the static cache where this transformers release supports it for the model
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -104,6 +108,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", action="store_true", help="also time the unmodified model's generate")
+    parser.add_argument("--baseline-compile", action="store_true", help="let transformers compile its static-cache generate")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
@@ -116,9 +121,9 @@ def main(argv=None) -> dict:
         row = {"batch": batch, "engine": decode_rate(lambda n: token_ids(engine.generate(requests, max_new_tokens=n)), batch,
                                                      args.new_tokens, device, args.warmup, args.repeats)}
         if args.baseline:
-            generate, cache = transformers_generate(setup, requests)
+            generate, cache = transformers_generate(setup, requests, args.baseline_compile)
             row["transformers"] = decode_rate(generate, batch, args.new_tokens, device, args.warmup, args.repeats)
-            row["transformers"]["cache"] = cache
+            row["transformers"].update(cache=cache, compiled=cache == "static" and args.baseline_compile)
             row["speedup"] = row["engine"]["decode_tokens_per_s"] / row["transformers"]["decode_tokens_per_s"]
         results.append(row)
         line = f"batch {batch}: engine {row['engine']['decode_tokens_per_s']:.1f} decode tokens/s"
@@ -126,7 +131,7 @@ def main(argv=None) -> dict:
             line += f", transformers ({row['transformers']['cache']} cache) {row['transformers']['decode_tokens_per_s']:.1f} ({row['speedup']:.2f}x)"
         print(line, flush=True)
     report = {"benchmark": "decode", "preset": preset.name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-              "keep": args.keep, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "keep": args.keep, "new_tokens": args.new_tokens, "repeats": args.repeats, "decode_stats": getattr(engine, "decode_stats", None),
               "threads": torch.get_num_threads(), "environment": environment(device), "results": results}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

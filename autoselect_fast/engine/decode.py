@@ -17,7 +17,8 @@ stop detection on the device, read-back every few steps).
   (:attr:`DecodeRunner.stats`). Capacity is rounded up to a power of two (at least
   :data:`MIN_GRAPH_CAPACITY`); at most ``max_graphs`` states are kept, least recently used out first.
   A graph state is used by one call at a time: a concurrent call that needs the same one decodes
-  eagerly with its own buffers (counted). On a CPU, or with graphs off, every call allocates its own
+  eagerly with its own buffers (counted); the next user's stream waits for the last user's work on
+  the device (an event, no host synchronisation). On a CPU, or with graphs off, every call allocates its own
   cache of exactly the capacity it needs and runs the same step eagerly.
 * **Sampling** runs on the device after each step, outside the graph, with
   :func:`~autoselect_fast.engine.sampling.sample_next_tokens` as before: the same generators, the same
@@ -115,6 +116,7 @@ class DecodeState:
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.steps = 0  # steps since the last release (for the runner's stats)
         self.lock = threading.Lock()
+        self.released: Optional["torch.cuda.Event"] = None  # recorded on the last user's stream at release
 
     def step(self) -> None:
         """One decode step: the graph's replay once captured, else the eager step."""
@@ -194,6 +196,8 @@ class DecodeRunner:
                     self.stats.eager_busy += 1
                     return DecodeState(self.model_step, batch_size, capacity)
                 self._states.move_to_end(key)
+                if state.released is not None:  # the last user may have run on another stream: order after it, on the device
+                    torch.cuda.current_stream(state.cache.device).wait_event(state.released)
                 return state
             state = DecodeState(self.model_step, *key)
             state.lock.acquire()
@@ -219,6 +223,9 @@ class DecodeRunner:
             else:
                 self.stats.eager_steps += state.steps
         state.steps = 0
+        if state.graph is not None:
+            state.released = torch.cuda.Event()
+            state.released.record(torch.cuda.current_stream(state.cache.device))
         if state.lock.locked():
             state.lock.release()
 
