@@ -8,7 +8,7 @@ the mask with ``torch.cat``, runs the model's own attention, samples with the sa
 greedy and sampled (the same generators, the same draws in the same order), on mixed batches of
 LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL: different prompt lengths, a text-only request, a two-image
 request, per-request ``max_new_tokens`` and a stop token hit mid-way, with the host reading back after
-every step, every 3 steps or every 8. The CUDA tests (skipped without a GPU) check that a decode step
+every step, every 3 steps or every 8; torch's global generator ends where the previous loop left it. The CUDA tests (skipped without a GPU) check that a decode step
 after warm-up makes no synchronisation, graph replay against the eager step (fp16), and graphed
 generation against eager generation.
 """
@@ -195,6 +195,25 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llava, sco
     for r in range(len(requests)):
         assert engine.generate([requests[r]], **sampling).token_ids[0] == together[r]
     assert engine.generate(requests[::-1], **sampling).token_ids == together[::-1]
+
+
+def test_global_generator_ends_where_the_previous_loop_left_it(llava, scorer):
+    """Every request stops early (stop tokens from the greedy run), so the loop runs past the last token
+    until its read-back; top_k=1 samples the greedy tokens but still draws from torch's global generator."""
+    engine = AutoSelectEngine(llava, scorer, keep=5)
+    free = previous_generate(engine, llava_requests(), max_new_tokens=12)
+    requests = llava_requests()
+    for req, tokens in zip(requests, free):
+        req.stop_token_ids = [midway_stop(tokens)]
+    want = previous_generate(engine, requests, max_new_tokens=12)
+    assert max(len(w) for w in want) < 12 and max(len(w) for w in want) % 8  # the read-back after 8 steps does not see the end
+    for read_every in (8, 5):
+        torch.manual_seed(21)
+        got = engine.generate(requests, max_new_tokens=12, do_sample=True, top_k=1, read_every=read_every).token_ids
+        after = torch.rand(4)
+        torch.manual_seed(21)
+        assert previous_generate(engine, requests, max_new_tokens=12, do_sample=True, top_k=1) == want == got
+        assert torch.equal(after, torch.rand(4)), read_every
 
 
 def test_buckets_and_read_every_errors(llava, scorer):

@@ -27,12 +27,15 @@ stop detection on the device, read-back every few steps).
 * **Stops** (a stop token, or the request's limit) are detected on the device. The host reads the
   "every request has finished" flag every ``read_every`` steps (the loop's only synchronisation) and
   the tokens once at the end, then cuts each request after its first stop token or at its limit. A
-  finished request keeps being computed until the next read-back; its extra tokens are dropped.
+  finished request keeps being computed until the next read-back; its extra tokens are dropped. When
+  a request samples from torch's global generator, the generator is put back (:class:`GlobalGenerator`)
+  to where it stood after the last draw the previous loop would have made, so the draws of those extra
+  steps leave no trace.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -44,7 +47,7 @@ from ..attention import attention_call, install_dispatch
 from ..kv_cache import DecodeCache, decode_attention
 
 __all__ = ["BATCH_BUCKETS", "MIN_GRAPH_CAPACITY", "DEFAULT_READ_EVERY", "DecodeStats", "DecodeState", "DecodeRunner",
-           "ModelStep", "StopRule", "decode", "batch_bucket", "capacity_bucket", "check_read_every"]
+           "ModelStep", "StopRule", "GlobalGenerator", "decode", "batch_bucket", "capacity_bucket", "check_read_every"]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_GRAPH_CAPACITY = 256
@@ -257,12 +260,32 @@ class StopRule:
         return to_device(table, device)
 
 
+class GlobalGenerator:
+    """torch's default generator of a device: its state read and set on the host (CPU: the Mersenne
+    Twister state; CUDA: Philox seed and offset), no device synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def get(self) -> Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def set(self, state: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+
 def decode(state: DecodeState, first_logits: Tensor, next_positions: Tensor, rule: StopRule,
-           sample: Callable[[Tensor], Tensor], *, read_every: int = DEFAULT_READ_EVERY) -> list[list[int]]:
+           sample: Callable[[Tensor], Tensor], *, read_every: int = DEFAULT_READ_EVERY,
+           global_generator: Optional[GlobalGenerator] = None) -> list[list[int]]:
     """New token ids per request of a prefilled batch (rows ``0..B-1`` of ``state``, its cache filled).
 
     ``first_logits`` ``(B, vocab)`` from the prefill; ``next_positions`` ``(B,)`` each request's first
-    decode position; ``sample(logits (B, vocab)) -> (B,)`` the next tokens, on the device.
+    decode position; ``sample(logits (B, vocab)) -> (B,)`` the next tokens, on the device. With
+    ``global_generator`` (``sample`` draws from it), its state after each of the last ``read_every``
+    draws is kept, and the one after the last draw a request needed is restored at the end.
     """
     batch, device = first_logits.shape[0], first_logits.device
     steps = max(rule.limits)
@@ -274,6 +297,9 @@ def decode(state: DecodeState, first_logits: Tensor, next_positions: Tensor, rul
     state.positions[batch:].zero_()
     state.tokens.zero_()
     tokens = sample(first_logits)
+    after_draw = deque(maxlen=read_every)  # (draws so far, global generator state)
+    if global_generator is not None:
+        after_draw.append((1, global_generator.get()))
     taken = 0
     while True:
         out[:, taken] = tokens
@@ -286,4 +312,11 @@ def decode(state: DecodeState, first_logits: Tensor, next_positions: Tensor, rul
         state.tokens[:batch].copy_(tokens)
         state.step()
         tokens = sample(state.logits[:batch])
-    return [rule.cut(row, r) for r, row in enumerate(out[:, :taken].tolist())]
+        if global_generator is not None:
+            after_draw.append((taken + 1, global_generator.get()))
+    outputs = [rule.cut(row, r) for r, row in enumerate(out[:, :taken].tolist())]
+    needed = max(len(o) for o in outputs)  # draws the previous loop made: one per token of the longest output
+    if global_generator is not None and needed < taken:
+        # The batch finished at draw `needed`, found at the read-back after draw `taken`: all within the last read_every.
+        global_generator.set(dict(after_draw)[needed])
+    return outputs

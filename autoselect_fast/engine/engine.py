@@ -39,7 +39,7 @@ from ..placeholders import text_columns
 from ..reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
-from .decode import DEFAULT_READ_EVERY, DecodeRunner, ModelStep, StopRule, check_read_every, decode
+from .decode import DEFAULT_READ_EVERY, DecodeRunner, GlobalGenerator, ModelStep, StopRule, check_read_every, decode
 from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
 from .sampling import check_sampling, request_generators, sample_next_tokens
 
@@ -467,8 +467,10 @@ class AutoSelectEngine:
         batch = self.prepare(requests)
         rule = StopRule(limits=[m if m is not None else max_new_tokens for m in batch.max_new_tokens],
                         stop_tokens=[eos | own for own in batch.stop_token_ids])
+        generators = request_generators(batch.seeds, seed, self.device)
         sample = functools.partial(sample_next_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generators=request_generators(batch.seeds, seed, self.device))
+                                   generators=generators)
+        global_generator = GlobalGenerator(self.device) if do_sample and None in generators else None
         held = []
 
         def decode_cache(packed: PackedBatch):
@@ -478,7 +480,8 @@ class AutoSelectEngine:
 
         try:
             first, _, _ = self._prefill(requests, timings=timings, batch=batch, cache_for=decode_cache)
-            token_ids = decode(held[0], first.logits, first.next_positions, rule, sample, read_every=read_every)
+            token_ids = decode(held[0], first.logits, first.next_positions, rule, sample, read_every=read_every,
+                               global_generator=global_generator)
         finally:
             if held:
                 self.decoder.release(held[0])
