@@ -185,8 +185,11 @@ def decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
         raise ValueError("decode_attention needs the DecodeCache's (B, 1, 1, C) bool mask as attention_mask")
     if dropout:
         raise ValueError(f"decode_attention is for inference and has no dropout, got dropout={dropout}")
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise ValueError("decode_attention supports neither softcap nor a sliding window")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("decode_attention does not support softcap")
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > int(window):
+        raise ValueError(f"decode_attention has no sliding window; a cache of {key.shape[2]} columns exceeds sliding_window={window}")
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or heads % kv_heads:

@@ -7,7 +7,9 @@ Decode tokens/s of a batch of B requests (each its own random image and prompt l
 so every request runs to ``--new-tokens``) is measured as ``B * (N - 1) / (t(N) - t(1))``: ``t(n)`` is
 the median wall time of ``engine.generate(..., max_new_tokens=n)``, so the prefill and the first token
 cancel out and what remains is the N - 1 decode steps with everything around them (sampling, stop
-checks, read-backs). ``--baseline`` adds the unmodified model's ``generate`` on the same requests
+checks, read-backs). On a CPU the same is also computed from the process's CPU time
+(``decode_tokens_per_cpu_s``; run with ``OMP_NUM_THREADS=1``), which is steadier than wall time on a
+machine shared with other work. ``--baseline`` adds the unmodified model's ``generate`` on the same requests
 (every visual token, a left-padded batch; the static cache where it works, else the dynamic one, and the
 JSON says which), measured the same way. transformers compiles the forward of a static-cache
 ``generate`` on CUDA by itself (minutes); that is switched off (``disable_compile=True``) unless
@@ -20,7 +22,9 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -54,13 +58,31 @@ def token_ids(output) -> list[list[int]]:
     return output.token_ids if hasattr(output, "token_ids") else output
 
 
+def process_ms(fn, warmup: int, repeats: int) -> float:
+    """Median CPU time of the process per call (all its threads), in ms."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        samples.append((time.process_time() - t0) * 1e3)
+    return statistics.median(samples)
+
+
 def decode_rate(generate, batch: int, new_tokens: int, device, warmup: int, repeats: int) -> dict:
-    """Median ``t(1)``, ``t(N)`` and the decode tokens/s between them."""
+    """Median ``t(1)``, ``t(N)`` and the decode tokens/s between them. On a CPU also by the process's CPU
+    time, which other processes sharing the cores change far less than the wall time."""
     first = measure(lambda: generate(1), device=device, warmup=warmup, repeats=repeats).median_ms
     full = measure(lambda: generate(new_tokens), device=device, warmup=warmup, repeats=repeats).median_ms
-    steps_ms = full - first
-    return {"t1_ms": first, "tN_ms": full, "decode_ms": steps_ms,
-            "decode_tokens_per_s": batch * (new_tokens - 1) / (steps_ms / 1e3) if steps_ms > 0 else float("nan")}
+    tokens = batch * (new_tokens - 1)
+    row = {"t1_ms": first, "tN_ms": full, "decode_ms": full - first,
+           "decode_tokens_per_s": tokens / ((full - first) / 1e3) if full > first else float("nan")}
+    if torch.device(device).type == "cpu":
+        cpu_first, cpu_full = process_ms(lambda: generate(1), 0, repeats), process_ms(lambda: generate(new_tokens), 0, repeats)
+        row.update(cpu_t1_ms=cpu_first, cpu_tN_ms=cpu_full,
+                   decode_tokens_per_cpu_s=tokens / ((cpu_full - cpu_first) / 1e3) if cpu_full > cpu_first else float("nan"))
+    return row
 
 
 def transformers_generate(setup: BenchSetup, requests: list[Request], compile_forward: bool = False):
@@ -127,6 +149,8 @@ def main(argv=None) -> dict:
             row["speedup"] = row["engine"]["decode_tokens_per_s"] / row["transformers"]["decode_tokens_per_s"]
         results.append(row)
         line = f"batch {batch}: engine {row['engine']['decode_tokens_per_s']:.1f} decode tokens/s"
+        if "decode_tokens_per_cpu_s" in row["engine"]:
+            line += f" ({row['engine']['decode_tokens_per_cpu_s']:.1f} per CPU-second)"
         if args.baseline:
             line += f", transformers ({row['transformers']['cache']} cache) {row['transformers']['decode_tokens_per_s']:.1f} ({row['speedup']:.2f}x)"
         print(line, flush=True)

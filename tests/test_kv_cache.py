@@ -161,3 +161,8 @@ def test_config_shapes_and_errors():
         cache.prefill_writer([1, 2]).update(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4, 3), 0)
     with pytest.raises(ValueError, match="bool mask"):
         decode_attention(None, torch.zeros(2, 2, 1, 3), cache.keys[0], cache.values[0], None)
+    mask = cache.prepare_step()
+    with pytest.raises(ValueError, match="cache of 4 columns exceeds sliding_window=3"):
+        decode_attention(None, torch.zeros(2, 2, 1, 3), cache.keys[0], cache.values[0], mask, sliding_window=3)
+    out, _ = decode_attention(None, torch.zeros(2, 2, 1, 3), cache.keys[0], cache.values[0], mask, sliding_window=4)  # the window covers the cache
+    assert out.shape == (2, 1, 2, 3)
