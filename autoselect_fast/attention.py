@@ -36,9 +36,10 @@ every decoder layer (transformers 5.x, e.g. ``LlamaModel`` -> ``LlamaDecoderLaye
 Thread safety (what the engine uses): :func:`install_dispatch` points a language model's config, once,
 at a *dispatching* implementation registered under ``autoselect_dispatch|<original>``. Per call it runs
 the varlen backend when the calling thread is inside :func:`varlen_call` (a ``ContextVar``, so every
-thread and asyncio task has its own), and the model's original implementation (``sdpa``, ``eager``,
-...) otherwise, with the original's mask function. Nothing is switched during a call, so concurrent
-packed prefills and plain calls of the wrapped model do not interfere.
+thread and asyncio task has its own), inside :func:`attention_call` the function it was given (the
+engine's decode steps: ``autoselect_fast.kv_cache.decode_attention``), and the model's original
+implementation (``sdpa``, ``eager``, ...) otherwise, with the original's mask function. Nothing is
+switched during a call, so concurrent packed prefills and plain calls of the wrapped model do not interfere.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -363,19 +364,27 @@ DISPATCH_PREFIX = "autoselect_dispatch|"
 #: 4-D mask as it is, so its mask creation never runs, in particular not its packed-sequence detection,
 #: which reads the position ids on the host (a device sync). The varlen functions read it as "no mask".
 PACKED_NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
-_VARLEN_BACKEND: ContextVar[Optional[str]] = ContextVar("autoselect_varlen_backend", default=None)
+_CALL_ATTENTION: ContextVar[Optional[Callable]] = ContextVar("autoselect_call_attention", default=None)
 _DISPATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def attention_call(function: Callable):
+    """Within this block (this thread / task only) dispatching language models attend with ``function``
+    (called as transformers calls an attention function) and build no mask of their own."""
+    token = _CALL_ATTENTION.set(function)
+    try:
+        yield
+    finally:
+        _CALL_ATTENTION.reset(token)
 
 
 @contextmanager
 def varlen_call(backend: str):
     """Within this block (this thread / task only) dispatching language models attend with ``backend``."""
     check_choice("backend", backend, tuple(REGISTERED_NAMES))
-    token = _VARLEN_BACKEND.set(backend)
-    try:
+    with attention_call(_ATTENTION_FUNCTIONS[backend]):
         yield
-    finally:
-        _VARLEN_BACKEND.reset(token)
 
 
 def _original_attention(original: str, module: torch.nn.Module):
@@ -392,10 +401,10 @@ def _original_attention(original: str, module: torch.nn.Module):
 
 def _make_dispatch_attention(original: str):
     def dispatch_attention(module, query, key, value, attention_mask, **kwargs):
-        backend = _VARLEN_BACKEND.get()
-        if backend is None:
+        function = _CALL_ATTENTION.get()
+        if function is None:
             return _original_attention(original, module)(module, query, key, value, attention_mask, **kwargs)
-        return _ATTENTION_FUNCTIONS[backend](module, query, key, value, attention_mask, **kwargs)
+        return function(module, query, key, value, attention_mask, **kwargs)
 
     dispatch_attention.__name__ = f"dispatch_attention_{original}"
     return dispatch_attention
@@ -403,8 +412,8 @@ def _make_dispatch_attention(original: str):
 
 def _make_dispatch_mask(original_mask):
     def dispatch_mask(*args, **kwargs):
-        if _VARLEN_BACKEND.get() is not None:
-            return None  # varlen segments come from cu_seq_lens: never build a (T, T) mask
+        if _CALL_ATTENTION.get() is not None:
+            return None  # varlen segments come from cu_seq_lens, a decode step brings its own mask: never build one
         return original_mask(*args, **kwargs)
 
     return dispatch_mask

@@ -66,6 +66,11 @@ step packing 90 "$PY" bench/bench_packing.py --out "$STAGE/packing-$GPU.json"
 step pruning 90 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --out "$STAGE/pruning-$GPU-fp16.json"
 step report-llava-1.5-7b 200 "$PY" -m autoselect_fast bench --preset llava-1.5-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step report-qwen2.5-vl-7b 200 "$PY" -m autoselect_fast bench --preset qwen2.5-vl-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
+# --- decode (static KV cache, one CUDA graph per batch-size bucket): tokens/s at batch 1 and 8 against
+# --- transformers' generate (its static cache, not compiled), LLaVA-1.5-7B K = 64, 64 new tokens (bench/bench_decode.py)
+step decode-llava-1.5-7b 150 "$PY" bench/bench_decode.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 \
+  --batches 1 8 --new-tokens 64 --warmup 1 --repeats 3 --baseline --out "$STAGE/decode-llava-1.5-7b-$GPU-fp16.json"
+# --- end of the decode block
 step training-memory 180 "$PY" bench/bench_training_memory.py --preset llava-1.5-7b --batch 8 --keep 64 --out "$STAGE/training-memory-$GPU.json"
 # torch.compile of the language model inside the runner's graphs, against the plain graphs (labelled "graph+torch.compile")
 step runner-compile 240 "$PY" bench/bench_runner.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 --compile --repeats 10 --out "$STAGE/runner-compile-$GPU-fp16.json"

@@ -5,7 +5,7 @@ One module per concern (``docs/engine.md``, "Layout"):
 * ``request``: :class:`Request`, :class:`ImageInput`, prompt checks and :func:`prepare_batch` (stage 1);
 * ``backends``: the selection, packer and attention backends, each resolved once with a smoke test;
 * ``sampling``: greedy / temperature, top-k, top-p choice of the next token;
-* ``decode``: the decode loop over the packed prefill's KV cache;
+* ``decode``: the decode loop over a static KV cache the prefill fills (CUDA graphs per batch-size bucket);
 * ``outputs``: what the stages return (:class:`PruneResult`, :class:`PrefillOutput`, :class:`GenerateOutput`);
 * ``engine``: :class:`AutoSelectEngine` and its stages;
 * ``runner``: how the device stages execute (eager, padded to buckets, CUDA graphs): :class:`Runner`.

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
-from typing import Hashable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,11 +42,11 @@ from ..ragged import cu_seqlens_from_lengths, to_device
 from ..reference import POSITION_MODES, Selection
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
-from .decode import decode, padded_cache
+from .decode import DEFAULT_READ_EVERY, DecodeRunner, GlobalGenerator, ModelStep, StopRule, check_read_every, decode
 from .outputs import GenerateOutput, PrefillOutput, PruneResult, prefill_output
 from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
 from .runner import Runner, RunnerConfig
-from .sampling import check_sampling, request_generators
+from .sampling import check_sampling, request_generators, sample_next_tokens
 
 DEFAULT_SCORE_CACHE_SIZE = 1024
 
@@ -71,7 +72,8 @@ class AutoSelectEngine:
         tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
         score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
         cuda_graphs: on CUDA, run the vision, pruning and prefill stages as CUDA graphs replayed per
-            shape bucket (``engine.runner``); ``False`` keeps the eager path. Ignored on a CPU.
+            shape bucket (``engine.runner``) and decode steps as a CUDA graph per batch-size bucket
+            (``engine.decode_stats``); ``False`` keeps the eager path. Ignored on a CPU.
         runner_config: a :class:`~autoselect_fast.engine.runner.RunnerConfig` (buckets, graph limits,
             ``torch.compile``, padding without graphs); ``cuda_graphs=False`` overrides its switch.
 
@@ -128,6 +130,13 @@ class AutoSelectEngine:
         if not cuda_graphs:
             runner_config = dataclasses.replace(runner_config, cuda_graphs=False)
         self.runner = Runner(self.adapter, self.attention_backend, runner_config, scorer=self.scorer, select=self._select)
+        adapter = self.adapter
+        self.decoder = DecodeRunner(ModelStep(adapter.language_model, adapter.embed_tokens, adapter.lm_head, self.runner.cache_kwarg), cuda_graphs=cuda_graphs)
+
+    @property
+    def decode_stats(self) -> dict:
+        """Decode steps replayed from CUDA graphs and run eagerly, captures, and calls that ran eagerly by reason."""
+        return self.decoder.stats.as_dict()
 
     def budget(self, num_tokens: int) -> int:
         """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
@@ -277,8 +286,9 @@ class AutoSelectEngine:
     def prefill_packed(self, packed: PackedBatch, cache=None) -> Tensor:
         """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
 
-        ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given
-        (then the runner takes its eager path: a graph cannot grow a cache).
+        ``cache`` is filled with the packed keys/values when given: a transformers ``DynamicCache``, or
+        the writer of a decode cache (``kv_cache.DecodeCache.prefill_writer``); then the runner takes its
+        eager path (a graph cannot write a cache it was not captured with).
         """
         return self.runner.prefill(packed, cache)
 
@@ -290,10 +300,13 @@ class AutoSelectEngine:
         ``timings=True`` fills :attr:`PrefillOutput.timings_ms`, synchronising the device around every
         stage; by default nothing synchronises for the sake of timing and ``timings_ms`` is ``{}``.
         """
-        out, _, _ = self._prefill(requests, cache=None, timings=timings)
+        out, _, _ = self._prefill(requests, timings=timings)
         return out
 
-    def _prefill(self, requests, cache, timings: bool, batch: Optional[PreparedBatch] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+    def _prefill(self, requests, timings: bool, batch: Optional[PreparedBatch] = None,
+                 cache_for: Optional[Callable[[list[int]], Any]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+        """Stages 1-5; ``cache_for(lengths)`` (called between packing and the prefill, outside the timed
+        stages) gives the cache the prefill fills."""
         if not isinstance(timings, bool):
             raise TypeError(f"timings must be a bool, got {timings!r}")
         batch = self.prepare(requests) if batch is None else batch
@@ -308,6 +321,7 @@ class AutoSelectEngine:
             pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions)
         with stage("pack"):
             packed, lengths = self._pack_batch(batch, pruned)
+        cache = None if cache_for is None else cache_for(lengths)
         with stage("prefill"):
             logits = self.prefill_packed(packed, cache)
         timings_ms = {}
@@ -329,6 +343,7 @@ class AutoSelectEngine:
         top_p: float = 1.0,
         seed: Optional[int] = None,
         timings: bool = False,
+        read_every: int = DEFAULT_READ_EVERY,
     ) -> GenerateOutput:
         """Decoding after a pruned, packed prefill: the new token ids per request and that prefill.
 
@@ -342,27 +357,37 @@ class AutoSelectEngine:
                 with ``seed + r`` (r: its index in the batch); with neither, torch's global generator
                 is used. A request with its own seed samples the same tokens whatever the rest of the batch.
             timings: as for :meth:`prefill` (the prefill's stage times in ``GenerateOutput.prefill``).
+            read_every: decode steps between two reads of the "every request finished" flag on the
+                host (the decode loop's only synchronisation; the tokens are read once, at the end).
 
-        The KV cache holds only the kept tokens; decoding continues at each request's largest position
-        + 1 (every M-RoPE row), one more per step.
+        The prefill writes the kept tokens' keys/values straight into a decode cache sized for this
+        batch (``engine.decode``); decoding continues at each request's largest position + 1 (every
+        M-RoPE row), one more per step.
         """
         check_max_new_tokens("max_new_tokens", max_new_tokens)
         eos = stop_set("eos_token_id", eos_token_id)
         check_sampling(do_sample, temperature, top_k, top_p, seed)
+        check_read_every(read_every)
         batch = self.prepare(requests)
-        limits = [m if m is not None else max_new_tokens for m in batch.max_new_tokens]
-        stops = [eos | own for own in batch.stop_token_ids]
+        rule = StopRule(limits=[m if m is not None else max_new_tokens for m in batch.max_new_tokens],
+                        stop_tokens=[eos | own for own in batch.stop_token_ids])
         generators = request_generators(batch.seeds, seed, self.device)
-        from transformers import DynamicCache
+        sample = functools.partial(sample_next_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generators=generators)
+        global_generator = GlobalGenerator(self.device) if do_sample and None in generators else None
+        held = []
 
-        packed_cache = DynamicCache()
-        first, packed, _ = self._prefill(requests, cache=packed_cache, timings=timings, batch=batch)
-        cache, attention_mask = padded_cache(packed_cache, first.sequence_lengths, self.device)
-        token_ids = decode(
-            self.adapter, self.runner.cache_kwarg, first.logits, first.next_positions, cache, attention_mask,
-            limits=limits, stops=stops, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            generators=generators,
-        )
+        def decode_cache(lengths: list[int]):
+            held.append(self.decoder.acquire(len(lengths), max(lengths) + max(rule.limits)))
+            return held[0].cache.prefill_writer(lengths)
+
+        try:
+            first, _, _ = self._prefill(requests, timings=timings, batch=batch, cache_for=decode_cache)
+            token_ids = decode(held[0], first.logits, first.next_positions, rule, sample, read_every=read_every,
+                               global_generator=global_generator)
+        finally:
+            if held:
+                self.decoder.release(held[0])
         return GenerateOutput(token_ids=token_ids, prefill=first)
 
 
