@@ -100,7 +100,9 @@ def padded_to_packed(padded: Tensor, lengths: Union[Tensor, Sequence[int], None]
         shape = tuple(padded.shape) if isinstance(padded, Tensor) else type(padded).__name__
         raise ValueError(f"padded must be a tensor of 2 or 3 dimensions (B, N[, d]), got {shape}")
     b, n = padded.shape[:2]
-    lengths = torch.full((b,), n, dtype=torch.int64) if lengths is None else torch.as_tensor(lengths, dtype=torch.int64).cpu()
+    if lengths is None:
+        lengths = torch.full((b,), n, dtype=torch.int64)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
     if lengths.shape != (b,) or bool((lengths < 1).any()) or bool((lengths > n).any()):
         raise ValueError(f"lengths must have shape ({b},) with 1 <= lengths <= {n}, got {lengths.tolist()}")
     packed = torch.cat([padded[i, : int(lengths[i])] for i in range(b)])

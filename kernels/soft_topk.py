@@ -332,7 +332,8 @@ def _soft_topk_fwd_kernel(
                 # (~2 fp32 ulps of K: the sum's own rounding, which further steps would only chase). Such
                 # a last step is kept even where it rounds onto an end of the bracket; any other step
                 # that leaves the bracket bisects it.
-                done = ((tl.abs(step) <= 1e-6 * tl.maximum(1.0, tl.abs(mu))) | (tl.abs(g - k) <= 2.5e-7 * k)).to(tl.int32)
+                small_step = tl.abs(step) <= 1e-6 * tl.maximum(1.0, tl.abs(mu))
+                done = (small_step | (tl.abs(g - k) <= 2.5e-7 * k)).to(tl.int32)
                 newton = ((new_mu >= lo_rel) & (new_mu <= hi_rel)) | (done != 0)
                 new_mu = tl.where(newton, new_mu, 0.5 * (lo_rel + hi_rel))
                 # Re-anchor at the nearer boundary score, so μ stays small and x - λ keeps fp32 precision.
@@ -426,7 +427,8 @@ def _soft_topk_bwd_kernel(
                 v, mask = _block(seg, off, n, shift, chip, ON_CHIP, BLOCK_N)
                 g = tl.load(gseg + off + tl.arange(0, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
                 s_hat = (v - mean) * rstd
-                gy = tl.where(mask, tl.exp(_log_density((v - anchor) * scale - mu, F_SIGMOID)) * (g - mean_g) * inv_tau, 0.0)
+                f_prime = tl.exp(_log_density((v - anchor) * scale - mu, F_SIGMOID))
+                gy = tl.where(mask, f_prime * (g - mean_g) * inv_tau, 0.0)
                 sum_gy = _acc_sum(sum_gy, gy, ON_CHIP)
                 sum_gy_sh = _acc_sum(sum_gy_sh, gy * s_hat, ON_CHIP)
         mean_gy = _total_sum(sum_gy, ON_CHIP) / n_f

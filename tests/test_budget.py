@@ -10,8 +10,9 @@ def test_image_budget():
     assert image_budget(3, keep_ratio=0.1) == 1  # never below one token
     assert image_budget(576) == 576  # neither given: every token
     assert image_budget(40, keep=64, clip=True) == 40
-    with pytest.raises(ValueError, match=r"keep=64 exceeds the 40 visual tokens of request 2; allowed: 1 <= keep <= 40"):
+    with pytest.raises(ValueError) as info:
         image_budget(40, keep=64, where="request 2")
+    assert str(info.value) == "keep=64 exceeds the 40 visual tokens of request 2; allowed: 1 <= keep <= 40"
 
 
 @pytest.mark.parametrize(

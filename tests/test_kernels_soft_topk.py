@@ -138,9 +138,8 @@ def test_soft_topk_raw_scores_clustered_far_from_zero(kernel_device, f, block_n)
     scores[200:] -= 1e4  # the second image sits at x ≈ -1e5
     cu = cu_seqlens_from_lengths(lengths)
     k = torch.tensor([20, 30])
-    alpha, grad, alpha_ref, grad_ref = run_both(
-        scores.to(kernel_device), k.to(kernel_device), cu.to(kernel_device), tau=0.05, f=f, normalize=False, block_n=block_n
-    )
+    scores, k, cu = scores.to(kernel_device), k.to(kernel_device), cu.to(kernel_device)
+    alpha, grad, alpha_ref, grad_ref = run_both(scores, k, cu, tau=0.05, f=f, normalize=False, block_n=block_n)
     assert 0.05 < alpha_ref[:200].max() - alpha_ref[:200].min() < 1  # the reference's α is not saturated
     assert_close(alpha, grad, alpha_ref, grad_ref, torch.float32)
 

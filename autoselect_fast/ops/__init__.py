@@ -4,11 +4,13 @@ One module per op, each holding its argument checks, custom op(s), fake implemen
 registration and public function (the modules are not named after their functions, which would
 shadow them as attributes of this package):
 
-  * ``selection``   ``select`` (inference top-K + gather + position ids)      ``torch.ops.autoselect_fast.select``
-  * ``soft_mask``   ``soft_topk`` (training mask), ``normalize_scores``        ``...soft_topk``, ``...soft_topk_backward``
-  * ``noise_gate``  ``vp_gate`` (training noise gate), ``vp_gate_noise``,      ``...vp_gate``, ``...vp_gate_backward``
-                    ``draw_seed``
+  * ``selection``   ``select`` (inference top-K + gather + position ids); op ``select``
+  * ``soft_mask``   ``soft_topk`` (training mask), ``normalize_scores``; ops ``soft_topk``, ``soft_topk_backward``
+  * ``noise_gate``  ``vp_gate`` (training noise gate), ``vp_gate_noise``, ``draw_seed``; ops ``vp_gate``,
+                    ``vp_gate_backward``
   * ``dispatch``    backend resolution (``"triton"`` / ``"reference"``), lazy kernel loading, shared checks
+
+(op ``name`` is ``torch.ops.autoselect_fast.name``.)
 
 Every function checks its arguments with ``_validation`` (clear ``ValueError``/``TypeError``), then runs
 the Triton kernels of ``autoselect_fast.kernels`` or the float64 ``autoselect_fast.reference``
