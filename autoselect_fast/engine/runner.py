@@ -73,8 +73,10 @@ DEFAULT_LARGEST_PREFILL_BUCKET = 4096
 #: bucket; a coarse ×4 ladder keeps the graph count down, and empty segments cost varlen attention only
 #: an early exit per (segment, row block, head).
 DEFAULT_REQUEST_BUCKETS = (1, 4, 16, 64)
-#: Images (LLaVA-1.5) or tiles (LLaVA-NeXT) per vision / pruning graph.
-DEFAULT_VISION_BUCKETS = (1, 2, 4, 8, 16, 32)
+#: Images (LLaVA-1.5) or tiles (LLaVA-NeXT) per vision / pruning graph. A CLIP-L/336 tile is already
+#: compute-bound (577 tokens through 24 layers), so a padding tile costs as much as a real one: exact
+#: counts up to 6 (a LLaVA-NeXT image is 3 to 5 tiles), then steps of at most a quarter.
+DEFAULT_VISION_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 STAGES = ("prefill", "vision", "prune")
 MODES = ("graphs", "padded", "eager")
 
