@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validation import to_device
+from .ragged import to_device
 
 
 def text_config_shapes(config) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from autoselect_fast import reference
+from autoselect_fast.ragged import segment_bounds
 from autoselect_fast.engine import AutoSelectEngine, ImageInput, Request
 from autoselect_fast.engine.decode import BATCH_BUCKETS, batch_bucket, capacity_bucket
 from autoselect_fast.engine.request import stop_set
@@ -44,7 +44,7 @@ def qwen_scorer():
 # The previous decode loop (left-padded DynamicCache, mask concatenated per step, a read every step)
 # --------------------------------------------------------------------------------------------------
 def previous_padded_cache(packed_cache, cu_seqlens, device):
-    bounds = reference.segment_bounds(cu_seqlens)
+    bounds = segment_bounds(cu_seqlens)
     longest = max(e - s for s, e in bounds)
     mask = torch.zeros(len(bounds), longest, dtype=torch.int64, device=device)
     for r, (s, e) in enumerate(bounds):
@@ -74,7 +74,7 @@ def previous_generate(engine, requests, max_new_tokens=32, eos_token_id=None, *,
     packed_cache = DynamicCache()
     logits = engine.prefill_packed(packed, packed_cache)
     positions = torch.stack([packed.position_ids.view(-1, packed.embeds.shape[0])[:, s:e].max() + 1
-                             for s, e in reference.segment_bounds(packed.cu_seqlens)]).to(engine.device)
+                             for s, e in segment_bounds(packed.cu_seqlens)]).to(engine.device)
     cache, attention_mask = previous_padded_cache(packed_cache, packed.cu_seqlens, engine.device)
     b = len(limits)
     tokens = sample_next_tokens(logits, **sampling)
@@ -89,7 +89,7 @@ def previous_generate(engine, requests, max_new_tokens=32, eos_token_id=None, *,
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
         hidden = lm(inputs_embeds=embed(tokens)[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
-                    use_cache=True, **{engine._cache_kwarg: cache}).last_hidden_state
+                    use_cache=True, **{engine.runner.cache_kwarg: cache}).last_hidden_state
         tokens = sample_next_tokens(engine.adapter.lm_head(hidden[:, -1]), **sampling)
         positions = positions + 1
     return outputs

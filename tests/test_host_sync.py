@@ -426,8 +426,8 @@ def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
 
 
 def test_generate_reads_only_its_new_tokens(monkeypatch, tiny_llava):
-    """Besides the prefill (no read), decoding reads each step's new tokens once (to stop and to return
-    them) and transformers' own decode-step mask check; nothing else, and no sync without timings."""
+    """Besides the prefill (no read), decoding reads only in its loop, every ``read_every`` steps and
+    once at the end; nothing else, and no sync without timings."""
     model, scorer = tiny_llava
     engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep=5)
     requests = _llava_requests()
@@ -438,10 +438,10 @@ def test_generate_reads_only_its_new_tokens(monkeypatch, tiny_llava):
     assert tracker.syncs == []
     reads = _engine_reads(tracker)
     assert [str(r) for r in reads if not _made_in(r, "autoselect_fast/engine/decode.py", "decode")] == []
-    own = [r for r in reads if r.what == "Tensor.tolist" and "autoselect_fast/engine/decode.py" in r.where[0]]
-    assert len(own) == 3  # one per generated token
-    others = [r for r in reads if r not in own]
-    assert all(r.where[0].startswith("transformers/masking_utils.py") for r in others), [str(r) for r in others]
+    # The static-cache decode reads the "every request finished" flag once per ``read_every`` steps (8:
+    # once here) and the tokens once at the end: at most two reads for three tokens, none per step (the
+    # tracker follows tensors derived from the model outputs; the decode reads its own static buffers).
+    assert len(reads) <= 2, [str(r) for r in reads]
 
 
 def _one_stage(clock):
