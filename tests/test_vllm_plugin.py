@@ -1,6 +1,9 @@
-"""The vLLM plugin inside vLLM itself (CPU build, in-process engine). It is compared with vLLM's in-tree
-Qwen2.5-VL and with ``AutoSelectEngine``, on one tiny random-weight checkpoint with images of different
-sizes.
+"""The vLLM plugin inside vLLM itself (CPU build). It is compared with vLLM's in-tree Qwen2.5-VL and with
+``AutoSelectEngine``, on one tiny random-weight checkpoint with images of different sizes.
+
+Most tests run vLLM's engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: errors surface here).
+Three run in vLLM's default mode, the engine in a process of its own, as a user meets it: the README's
+offline script run as a file, a bad setting in a fresh process, and the OpenAI server.
 
 This file needs vLLM (the pinned CPU build). ``bash .ci/vllm_env.sh`` builds that environment and runs
 this file there; everywhere else it is skipped. Each ``vllm.LLM`` takes 5-15 s to start on CPU, so every
@@ -12,6 +15,7 @@ sides; the engines batch and order their float32 sums differently).
 """
 from __future__ import annotations
 
+import ast
 import base64
 import gc
 import io
@@ -35,11 +39,20 @@ from PIL import Image  # noqa: E402
 
 from autoselect_fast.modules import Scorer, ScorerConfig  # noqa: E402
 from autoselect_fast.vllm_plugin import ARCHITECTURE  # noqa: E402
+from autoselect_fast.vllm_plugin.settings import SettingError  # noqa: E402
+from test_readme import VLLM as README_VLLM_SNIPPETS  # noqa: E402
 from tiny_checkpoints import save_qwen2_5_vl  # noqa: E402
 
 GREEDY_TOKENS = 8
 LOGPROB_TOL = 1e-4
 TOP = 3  # log-probabilities compared: the first token's TOP most likely tokens
+NO_COUNTS = {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}
+
+
+def default_mode_env() -> dict:
+    """The environment of a process that runs vLLM as a user would: the engine in its own process."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def picture(seed: int, width: int, height: int) -> Image.Image:
@@ -56,7 +69,9 @@ REQUESTS = [
     # Long enough to fill whole KV-cache blocks: when the batch runs again, vLLM's prefix cache holds
     # this image's tokens, so it passes the image without its pixels (the plugin must cope).
     (f"<|im_start|> {IMAGE} " + " ".join(f"w{i % 80}" for i in range(300)) + " <|im_end|> <|im_start|> w2", [(3, 280, 280)]),
-    (f"<|im_start|> w13 {IMAGE} w14 {IMAGE} <|im_end|> <|im_start|> w2", [(0, 224, 112), (0, 224, 112)]),  # one picture twice
+    # One picture twice. (Its words are chosen so that the greedy tokens of every configuration vary: with
+    # "w13 ... w14" the pruned model repeated one token, which would make the token comparison weak.)
+    (f"<|im_start|> w7 {IMAGE} w8 {IMAGE} <|im_end|> <|im_start|> w2", [(0, 224, 112), (0, 224, 112)]),
 ]
 
 
@@ -102,7 +117,7 @@ def run_vllm(checkpoint, hf_overrides=None) -> tuple[list[dict], dict | None]:
         for first, second in zip(outputs, again):
             assert second.prompt_token_ids == first.prompt_token_ids
             assert second.outputs[0].token_ids == first.outputs[0].token_ids
-        counts = llm.apply_model(lambda model: dict(model.autoselect_counts))[0] if hf_overrides is not None else None
+        counts = llm.collective_rpc("autoselect_counts")[0] if hf_overrides is not None else None
         assert llm.llm_engine.model_config.architectures == ([ARCHITECTURE] if hf_overrides else ["Qwen2_5_VLForConditionalGeneration"])
     finally:
         del llm
@@ -146,7 +161,7 @@ def in_tree(checkpoint):
 
 def test_every_token_kept_equals_vllm_in_tree_qwen(checkpoint, in_tree):
     plugin, counts = run_vllm(checkpoint, overrides(checkpoint, keep_ratio=1.0))
-    assert counts == {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}  # vLLM's own path
+    assert counts == NO_COUNTS  # vLLM's own path
     for ours, theirs in zip(plugin, in_tree):
         assert ours["prompt_tokens"] == theirs["prompt_tokens"]
         assert ours["tokens"] == theirs["tokens"]
@@ -179,41 +194,104 @@ def test_pruned_plugin_agrees_with_autoselect_engine(checkpoint, in_tree, budget
         assert ours["tokens"] == theirs["tokens"], f"request {r}"
         for token, lp in ours["first_logprobs"].items():
             assert lp == pytest.approx(float(theirs["logprobs"][token]), abs=LOGPROB_TOL), f"request {r}, token {token}"
+    # the pruned side's greedy tokens vary too (equal token lists of a model repeating one token would prove little)
+    assert all(len(set(r["tokens"])) > 2 for r in plugin)
+
+
+NOT_A_DIRECTORY = "not a directory (expected a Scorer.save_pretrained checkpoint)"
+BOTH_OR_NEITHER = "give exactly one of keep (K per image) and keep_ratio"
+KNOWN = "known: autoselect_keep, autoselect_keep_ratio, autoselect_position_mode, autoselect_scorer"
 
 
 @pytest.mark.parametrize(
-    "settings,message",
+    "settings,first_line",
     [
-        ({"autoselect_scorer": None, "autoselect_keep_ratio": 0.5}, "hf_overrides must give 'autoselect_scorer'"),
-        ({"autoselect_scorer": "/nonexistent/scorer", "autoselect_keep_ratio": 0.5}, "is not a directory"),
-        ({"autoselect_scorer": "NARROW", "autoselect_keep_ratio": 0.5}, "does not fit this model"),
-        ({"autoselect_keep_ratio": 1.5}, "keep_ratio must be a float in (0, 1]"),
-        ({"autoselect_keep_ratio": 0.5, "autoselect_keep": 8}, "give exactly one of keep"),
-        ({}, "give exactly one of keep"),
-        ({"autoselect_keep_ration": 0.5}, "unknown setting"),
-        ({"autoselect_keep_ratio": 0.5, "autoselect_position_mode": "shifted"}, "position_mode must be one of"),
-        ({"autoselect_scorer": "MODEL", "autoselect_keep_ratio": 0.5}, "cannot load the Scorer"),
-        ({"autoselect_keep_ratio": 0.5, "llm": {"video_pruning_rate": 0.5}}, "video pruning"),
-        ({"autoselect_keep_ratio": 0.5, "llm": {"mm_encoder_tp_mode": "data"}}, "mm_encoder_tp_mode='data'"),
+        ({"autoselect_scorer": None, "autoselect_keep_ratio": 0.5},
+         "autoselect_scorer is missing: hf_overrides must give the directory of a Scorer checkpoint (Scorer.save_pretrained)"),
+        ({"autoselect_scorer": "/nonexistent/scorer", "autoselect_keep_ratio": 0.5}, f'autoselect_scorer="/nonexistent/scorer": {NOT_A_DIRECTORY}'),
+        ({"autoselect_scorer": "NARROW", "autoselect_keep_ratio": 0.5},
+         'autoselect_scorer="NARROW": the Scorer does not fit this model: Scorer reads vision features of width input_dim=64, '
+         "but the model's vision features have width 256 (merge² x vision hidden = 4 x 64)"),
+        ({"autoselect_keep_ratio": 0}, "autoselect_keep_ratio=0: keep_ratio must be a float in (0, 1], got 0"),
+        ({"autoselect_keep_ratio": 1.5}, "autoselect_keep_ratio=1.5: keep_ratio must be a float in (0, 1], got 1.5"),
+        ({"autoselect_keep_ratio": 0.5, "autoselect_keep": 8},
+         f"autoselect_keep=8 and autoselect_keep_ratio=0.5: {BOTH_OR_NEITHER}, got keep=8, keep_ratio=0.5"),
+        ({}, f"autoselect_keep and autoselect_keep_ratio are both missing: {BOTH_OR_NEITHER}, got keep=None, keep_ratio=None"),
+        ({"autoselect_keep_ration": 0.5}, f"autoselect_keep_ration=0.5: unknown setting; {KNOWN}"),
+        ({"autoselect_keep_ratio": 0.5, "autoselect_position_mode": "shifted"},
+         'autoselect_position_mode="shifted": must be one of "original", "compact"'),
+        ({"autoselect_scorer": "MODEL", "autoselect_keep_ratio": 0.5},
+         "autoselect_scorer=\"MODEL\": cannot load a Scorer from it: checkpoint at MODEL holds a None, expected a 'scorer'"),
+        ({"autoselect_keep_ratio": 0.5, "llm": {"video_pruning_rate": 0.5}},
+         "video_pruning_rate=0.5: vLLM's video pruning cannot be combined with this plugin; leave it at 0"),
+        ({"autoselect_keep_ratio": 0.5, "llm": {"mm_encoder_tp_mode": "data"}},
+         'mm_encoder_tp_mode="data": data-parallel vision encoding is not supported; use the default "weights"'),
     ],
-    ids=["no-scorer", "missing-dir", "width-mismatch", "ratio-out-of-range", "both-budgets", "no-budget", "typo", "position-mode",
-         "not-a-scorer", "video-pruning", "data-parallel-encoder"],
+    ids=["no-scorer", "missing-dir", "width-mismatch", "ratio-zero", "ratio-above-one", "both-budgets", "no-budget", "typo",
+         "position-mode", "not-a-scorer", "video-pruning", "data-parallel-encoder"],
 )
-def test_bad_configuration_fails_when_the_model_loads(checkpoint, settings, message):
+def test_bad_configuration_fails_in_llm_before_the_engine_starts(checkpoint, settings, first_line):
+    """vLLM runs the plugin's check while it builds its configuration: ``LLM(...)`` raises the plugin's
+    SettingError itself (not vLLM's "Engine core initialization failed"), whose first line names the
+    setting and its value as given (0 stays 0)."""
     settings = dict(settings)
     llm_kwargs = settings.pop("llm", {})
-    hf = {"architectures": [ARCHITECTURE], "autoselect_scorer": os.path.join(checkpoint, "scorer"), **settings}
     named = {"NARROW": os.path.join(checkpoint, "scorer-too-narrow"), "MODEL": checkpoint}  # MODEL: a directory, not a Scorer
+    hf = {"architectures": [ARCHITECTURE], "autoselect_scorer": os.path.join(checkpoint, "scorer"), **settings}
     hf["autoselect_scorer"] = named.get(hf["autoselect_scorer"], hf["autoselect_scorer"])
     if hf["autoselect_scorer"] is None:
         del hf["autoselect_scorer"]
-    with pytest.raises(Exception) as info:
+    for name, path in named.items():
+        first_line = first_line.replace(name, path)
+    with pytest.raises(SettingError) as info:
         make_llm(checkpoint, hf, **llm_kwargs)
-    chain, exc = [], info.value
-    while exc is not None:  # vLLM may wrap the model's error; its message must be in the chain
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    assert any(message in text and ARCHITECTURE in text for text in chain), chain
+    assert str(info.value).splitlines()[0] == "autoselect_fast: " + first_line
+
+
+def test_bad_setting_is_the_last_line_a_user_sees_in_vllms_default_mode(checkpoint, tmp_path):
+    """A script in a fresh process, the engine in its own process (vLLM's default): the traceback ends
+    with the plugin's message, and vLLM's engine never starts."""
+    hf = overrides(checkpoint, keep_ratio=0)
+    script = tmp_path / "bad_setting.py"
+    script.write_text(f"import vllm\nif __name__ == '__main__':\n    vllm.LLM(model={checkpoint!r}, hf_overrides={hf!r})\n")
+    done = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=default_mode_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "autoselect_fast.vllm_plugin.settings.SettingError: autoselect_fast: autoselect_keep_ratio=0: "
+        "keep_ratio must be a float in (0, 1], got 0")
+    assert "Engine core initialization failed" not in done.stderr and "EngineCore" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's offline script, run as a file in vLLM's default mode
+# --------------------------------------------------------------------------------------------------
+README_QUESTION = "What is in this picture?"
+
+
+def test_readme_offline_script_runs_as_a_file(checkpoint, tmp_path):
+    """``python offline.py MODEL SCORER picture.png`` with the README's vLLM block as offline.py. Its
+    counters come through ``llm.collective_rpc("autoselect_counts")`` from the engine's own process."""
+    (snippet,) = README_VLLM_SNIPPETS
+    assert README_QUESTION in snippet
+    (tmp_path / "offline.py").write_text(snippet)
+    picture(0, 224, 112).save(tmp_path / "picture.png")  # 8 x 16 patches: 32 merge groups
+    done = subprocess.run([sys.executable, "offline.py", checkpoint, os.path.join(checkpoint, "scorer"), "picture.png"],
+                          cwd=tmp_path, env=default_mode_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()  # vLLM logs to stdout too
+    (prompt_line,) = [line for line in lines if line.startswith("prompt tokens: ")]
+    (counts_line,) = [line for line in lines if line.startswith("[{")]
+    # One worker. The picture was selected when its request was added; vLLM's warm-up (the snippet does not
+    # set enforce_eager) ran the encoder on its dummy pictures, all one picture, which met the encoder first.
+    assert ast.literal_eval(counts_line) == [{**NO_COUNTS, "selected_at_add": 1, "selected_at_encoder": 1}]
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": README_QUESTION}]}]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # one <|image_pad|>
+    with_one_pad = tokenizer(text, add_special_tokens=False)["input_ids"]
+    kept = round(0.222 * 32)  # the README's keep_ratio, on the picture's 32 groups
+    assert prompt_line == f"prompt tokens: {len(with_one_pad) - 1 + kept}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +334,8 @@ def test_openai_server_serves_a_pruned_chat_request_with_an_image(checkpoint, tm
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
          "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 0}), "--hf-overrides", json.dumps(hf)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        # vLLM's default mode (the engine in its own process); development mode opens /collective_rpc
+        stdout=log, stderr=subprocess.STDOUT, env={**default_mode_env(), "VLLM_SERVER_DEV_MODE": "1"},
     )
     try:
         deadline = time.time() + 240
@@ -271,6 +350,9 @@ def test_openai_server_serves_a_pruned_chat_request_with_an_image(checkpoint, tm
         body = json.dumps({"model": checkpoint, "messages": messages, "max_tokens": GREEDY_TOKENS, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        rpc = urllib.request.Request(f"http://127.0.0.1:{port}/collective_rpc", data=json.dumps({"method": "autoselect_counts"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        counts = json.loads(urllib.request.urlopen(rpc, timeout=60).read())["results"]
     finally:
         server.terminate()
         try:
@@ -280,3 +362,4 @@ def test_openai_server_serves_a_pruned_chat_request_with_an_image(checkpoint, tm
         log.close()
     assert reply["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)
     assert reply["choices"][0]["message"]["content"] == offline.outputs[0].text
+    assert counts == [{**NO_COUNTS, "selected_at_add": 1}]  # one worker, the one picture selected when its request was added

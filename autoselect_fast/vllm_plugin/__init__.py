@@ -13,15 +13,21 @@ vLLM's own Qwen2.5-VL stays the default, and a model opts in through ``hf_overri
         "autoselect_keep_ratio": 0.222,               # or "autoselect_keep": 64 (K per image, clipped to N_i)
     })
 
-The model code is in :mod:`autoselect_fast.vllm_plugin.qwen2_5_vl`; it imports vLLM, this module
-does not (importing ``autoselect_fast`` never needs vLLM). Supported vLLM versions:
-:data:`SUPPORTED_VLLM` (the plugin builds on private vLLM classes that change between releases).
+The settings and the checks made before vLLM starts its engine are in
+:mod:`autoselect_fast.vllm_plugin.settings`; the model code is in
+:mod:`autoselect_fast.vllm_plugin.qwen2_5_vl`, which imports vLLM. This module does not (importing
+``autoselect_fast`` never needs vLLM). Supported vLLM versions: :data:`SUPPORTED_VLLM` (the plugin builds
+on private vLLM classes that change between releases).
+
+The plugin's counters (images selected, sent without pixels, re-encoded) are read with
+``llm.collective_rpc("autoselect_counts")``, one dict per worker (:class:`WorkerExtension`).
 """
 from __future__ import annotations
 
 ARCHITECTURE = "AutoSelectQwen2_5_VL"
 SUPPORTED_VLLM = (">=0.32", "<0.33")
 _MODEL_CLASS = "autoselect_fast.vllm_plugin.qwen2_5_vl:AutoSelectQwen2_5_VLForConditionalGeneration"
+WORKER_EXTENSION = "autoselect_fast.vllm_plugin.WorkerExtension"  # vLLM's parallel_config.worker_extension_cls
 
 
 def check_vllm_version(version: str) -> None:
@@ -30,20 +36,41 @@ def check_vllm_version(version: str) -> None:
     try:
         major, minor = int(parts[0]), int(parts[1])
     except (IndexError, ValueError):
-        raise ImportError(f"autoselect_fast vLLM plugin: cannot read the vLLM version {version!r}") from None
+        raise ImportError(f"autoselect_fast: the vLLM plugin cannot read the vLLM version {version!r}") from None
     if (major, minor) != (0, 32):
         raise ImportError(
-            f"autoselect_fast vLLM plugin supports vLLM {','.join(SUPPORTED_VLLM)} (it subclasses vLLM's private "
+            f"autoselect_fast: the vLLM plugin supports vLLM {','.join(SUPPORTED_VLLM)} (it subclasses vLLM's private "
             f"Qwen2.5-VL classes), but vLLM {version} is installed"
         )
 
 
+class WorkerExtension:
+    """Mixed into vLLM's worker class when a model uses ``AutoSelectQwen2_5_VL`` (the plugin sets
+    ``worker_extension_cls`` unless the user set one), so that ``llm.collective_rpc("autoselect_counts")``
+    works in vLLM's default mode, where the engine runs in another process and ``apply_model`` cannot
+    send a lambda there."""
+
+    def autoselect_counts(self) -> dict[str, int]:
+        """What happened to the images so far (see the model's ``autoselect_counts``)."""
+        return dict(self.get_model().autoselect_counts)
+
+
 def register() -> None:
     """vLLM's plugin hook: register ``AutoSelectQwen2_5_VL`` lazily (vLLM imports the class when a model
-    asks for it). Never raises: vLLM calls every plugin unguarded, and an unsupported vLLM version must
-    not stop models that do not use this one. The version is checked when the model module is imported,
-    i.e. only when someone asks for the architecture."""
+    asks for it), and its configuration check (:class:`~autoselect_fast.vllm_plugin.settings.ConfigCheck`,
+    run where vLLM builds its configuration, before it starts the engine). Never raises: vLLM calls every
+    plugin unguarded, and an unsupported vLLM version must not stop models that do not use this one. The
+    version is checked when a model asks for the architecture."""
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)
+    try:
+        from vllm.model_executor.models import config as model_config_hooks
+    except ImportError:  # another vLLM version: the model module refuses it, naming the supported range
+        return
+    hooks = getattr(model_config_hooks, "MODELS_CONFIG_MAP", None)
+    if isinstance(hooks, dict):
+        from .settings import ConfigCheck
+
+        hooks.setdefault(ARCHITECTURE, ConfigCheck)

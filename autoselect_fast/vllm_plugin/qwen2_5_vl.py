@@ -46,15 +46,13 @@ parallelism, LoRA on the tower (``enable_tower_connector_lora``), disaggregated 
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import vllm
 from torch import Tensor, nn
 
-from . import ARCHITECTURE, check_vllm_version
+from . import check_vllm_version
 
 check_vllm_version(vllm.__version__)  # before importing the private classes this module subclasses
 
@@ -69,61 +67,16 @@ from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from .. import ops  # noqa: E402
 from ..caching import LRUCache, image_fingerprint  # noqa: E402
-from ..budget import check_budget_args, image_budget  # noqa: E402
-from ..modules import Scorer  # noqa: E402
 from ..ragged import cu_seqlens_from_lengths  # noqa: E402
-from ..reference import POSITION_MODES  # noqa: E402
+from .settings import MESSAGE_PREFIX, PluginSettings, check_vllm_config  # noqa: E402
 
-PREFIX = "autoselect_"  # hf_overrides keys of this plugin
 _KEPT_CACHE_SIZE = 65536  # remembered selections (int32 indices, 4·K_i bytes each), least recently used dropped
 _EMBED_CACHE_SIZE = 64  # embeddings computed at request add and not yet taken by the encoder step
 
 
 def _fail(message: str) -> ValueError:
-    return ValueError(f"{ARCHITECTURE}: {message}")
-
-
-@dataclass(frozen=True)
-class PluginSettings:
-    """The plugin's configuration, from the model's HF config (``hf_overrides`` keys ``autoselect_*``).
-
-    * ``autoselect_scorer``: directory of a ``Scorer.save_pretrained`` checkpoint (required);
-    * ``autoselect_keep`` (K per image, clipped to N_i) or ``autoselect_keep_ratio`` (0 < r <= 1):
-      exactly one;
-    * ``autoselect_position_mode``: ``"original"`` (default) or ``"compact"``.
-    """
-
-    scorer: str
-    keep: Optional[int]
-    keep_ratio: Optional[float]
-    position_mode: str
-
-    @classmethod
-    def from_config(cls, hf_config) -> "PluginSettings":
-        known = {"scorer", "keep", "keep_ratio", "position_mode"}
-        unknown = sorted(k for k in vars(hf_config) if k.startswith(PREFIX) and k[len(PREFIX):] not in known)
-        if unknown:
-            raise _fail(f"unknown setting(s) {unknown}; known: {sorted(PREFIX + k for k in known)}")
-        scorer = getattr(hf_config, PREFIX + "scorer", None)
-        if not scorer:
-            raise _fail(f"hf_overrides must give '{PREFIX}scorer': the directory of a Scorer checkpoint (Scorer.save_pretrained)")
-        if not os.path.isdir(scorer):
-            raise _fail(f"{PREFIX}scorer={scorer!r} is not a directory (a Scorer.save_pretrained checkpoint)")
-        keep, keep_ratio = getattr(hf_config, PREFIX + "keep", None), getattr(hf_config, PREFIX + "keep_ratio", None)
-        if isinstance(keep_ratio, int) and not isinstance(keep_ratio, bool):
-            keep_ratio = float(keep_ratio)
-        try:
-            check_budget_args(keep, keep_ratio, required=True)
-        except ValueError as exc:
-            raise _fail(f"{exc} (hf_overrides '{PREFIX}keep' / '{PREFIX}keep_ratio')") from None
-        mode = getattr(hf_config, PREFIX + "position_mode", "original")
-        if mode not in POSITION_MODES:
-            raise _fail(f"{PREFIX}position_mode must be one of {POSITION_MODES}, got {mode!r}")
-        return cls(scorer=str(scorer), keep=keep, keep_ratio=keep_ratio, position_mode=mode)
-
-    def budget(self, num_tokens: int) -> int:
-        """K_i of an image of N_i = ``num_tokens`` merged tokens (the engine's rule, clipped to N_i)."""
-        return image_budget(num_tokens, self.keep, self.keep_ratio, clip=True)
+    """An error while serving (the settings were checked before the engine started)."""
+    return ValueError(f"{MESSAGE_PREFIX}{message}")
 
 
 class AutoSelectQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -155,6 +108,14 @@ def _pruned_replacement(full_replacement, settings: PluginSettings):
     return replacement
 
 
+def _first_index(indexed_keys) -> dict:
+    """Each distinct key (a picture's fingerprint) of ``(index, key)`` pairs, with its first index."""
+    first: dict = {}
+    for i, key in indexed_keys:
+        first.setdefault(key, i)
+    return first
+
+
 class _GroupView(nn.Module):
     """Stands in for the merger while the tower runs: each spatial-merge group's patches, concatenated."""
 
@@ -179,48 +140,22 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
     """Registered as ``AutoSelectQwen2_5_VL`` by :func:`autoselect_fast.vllm_plugin.register`."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        # Every configuration error is raised here, before vLLM builds or loads the model.
-        config = vllm_config.model_config.hf_config
-        settings = PluginSettings.from_config(config)
-        mm_config = vllm_config.model_config.get_multimodal_config()
-        if mm_config.is_multimodal_pruning_enabled():
-            raise _fail("vLLM's video pruning (video_pruning_rate > 0) cannot be combined with this plugin; leave it at 0")
-        if mm_config.mm_encoder_tp_mode == "data":
-            raise _fail("mm_encoder_tp_mode='data' (data-parallel vision encoding) is not supported; use the default 'weights'")
-        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
-            raise _fail("cudagraph_mm_encoder=True runs the vision encoder outside embed_multimodal; switch it off")
-        if getattr(config, "model_type", None) != "qwen2_5_vl":
-            raise _fail(f"the model must be a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'), got {getattr(config, 'model_type', None)!r}")
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise _fail("pipeline parallelism is not supported (every stage would run the vision tower); use tensor parallelism")
-        if vllm_config.lora_config is not None and getattr(vllm_config.lora_config, "enable_tower_connector_lora", False):
-            raise _fail("enable_tower_connector_lora is not supported: the tower runs when a request is added, outside vLLM's LoRA mapping")
-        for name in ("kv_transfer_config", "ec_transfer_config"):
-            if getattr(vllm_config, name, None) is not None:
-                raise _fail(f"{name} (disaggregated serving) is not supported: images would arrive here without the selection made elsewhere")
-        vision = config.vision_config
-        unit = vision.spatial_merge_size**2
-        try:
-            scorer = Scorer.from_pretrained(settings.scorer)
-        except Exception as exc:  # not a Scorer checkpoint, unreadable weights, ...
-            raise _fail(f"cannot load the Scorer of {PREFIX}scorer={settings.scorer!r}: {exc}") from exc
-        try:
-            scorer.check_input_dim(unit * vision.hidden_size)
-        except ValueError as exc:
-            raise _fail(f"the Scorer at {settings.scorer} does not fit this model: {exc} (merge² x vision hidden = "
-                        f"{unit} x {vision.hidden_size})") from None
+        # The checks vLLM already ran through settings.ConfigCheck when it built its configuration, again
+        # here (they are cheap, and the Scorer is needed anyway): before vLLM builds or loads the model.
+        settings, scorer = check_vllm_config(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # Not a submodule: vLLM's weight loader must neither expect nor load the Scorer's weights from
         # the model checkpoint. Moved to the tower's device at the first image; it keeps its own dtype
         # (its checkpoint's), and the features are cast to it.
         self.__dict__["autoselect_scorer"] = scorer.eval().requires_grad_(False)
         self.autoselect = settings
-        self._group_width = unit * vision.hidden_size
+        vision = vllm_config.model_config.hf_config.vision_config
+        self._group_width = vision.spatial_merge_size**2 * vision.hidden_size  # the Scorer's input: one merge group
         self._kept: LRUCache[Tensor] = LRUCache(_KEPT_CACHE_SIZE)  # fingerprint -> kept raster indices (CPU)
         self._kept_by_identifier: LRUCache[Tensor] = LRUCache(_KEPT_CACHE_SIZE)  # vLLM's item identifier -> the same
-        # What happened to the images so far (read it with LLM.apply_model(lambda m: m.autoselect_counts)).
+        # What happened to the images so far (read it with llm.collective_rpc("autoselect_counts"), one dict per worker).
         # selected_at_add: selections made when a request was added (the normal way); selected_at_encoder:
-        # images the encoder step met first (vLLM's memory profiling with dummy images, or a forgotten
+        # images the encoder step met first (vLLM's warm-up or memory profiling with dummy images, or a forgotten
         # fingerprint); without_pixels: images vLLM sent without pixels; reencoded: known selections
         # gathered again from a fresh tower pass.
         self.autoselect_counts = {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}
@@ -272,9 +207,9 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
 
     @torch.inference_mode()
     def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str], where: str) -> None:
-        """Select and embed the images not seen before (one tower pass for all of them)."""
-        # get() marks an entry as recently used: entries in use are never the ones dropped.
-        new = [i for i, key in enumerate(keys) if self._kept.get(key) is None]
+        """Select and embed the images not seen before (one tower pass for all of them; a picture that
+        comes twice, once)."""
+        new = [i for key, i in _first_index(enumerate(keys)).items() if self._kept.get(key) is None]
         if not new:
             return
         self.autoselect_counts[f"selected_at_{where}"] += len(new)
@@ -364,14 +299,15 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             for i, e in zip(whole, merged.split([self._num_groups(grids[i]) for i in whole])):
                 out[i] = e
         keys = {i: pixels_fingerprint(pixels[i], grids[i], dtype) for i in range(len(grids)) if i not in whole}
-        for i, key in keys.items():
-            out[i] = self._embeds.pop(key, None)
-        missing = [i for i, e in enumerate(out) if e is None]
-        if missing:  # images whose positions were not computed here first (vLLM's profiling run): select them now
+        # Each picture once, also when the batch holds it twice (a repeated picture, vLLM's dummy images).
+        first = _first_index(keys.items())
+        embeds = {key: self._embeds.pop(key, None) for key in first}
+        missing = [i for key, i in first.items() if embeds[key] is None]
+        if missing:  # images whose positions were not computed here first (vLLM's warm-up and profiling): select them now
             self._prepare_images([pixels[i] for i in missing], [grids[i] for i in missing], [keys[i] for i in missing], where="encoder")
             for i in missing:
-                out[i] = self._embeds.pop(keys[i], None)
-        again = [i for i, e in enumerate(out) if e is None]
+                embeds[keys[i]] = self._embeds.pop(keys[i], None)
+        again = [i for key, i in first.items() if embeds[key] is None]
         if again:
             # Re-encoding a known image (after preemption, say): the remembered selection is gathered,
             # so the embeddings match the positions the request already has.
@@ -379,5 +315,7 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             batch = torch.cat([pixels[i] for i in again]).to(device=self.visual.device, dtype=dtype)
             groups = self._pre_merger_groups(batch, [grids[i] for i in again])
             for i, g in zip(again, groups):
-                out[i] = self._merge(g[self._kept.get(keys[i]).to(device=g.device, dtype=torch.int64)])
+                embeds[keys[i]] = self._merge(g[self._kept.get(keys[i]).to(device=g.device, dtype=torch.int64)])
+        for i, key in keys.items():
+            out[i] = embeds[key]
         return tuple(out)
