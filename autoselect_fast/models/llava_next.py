@@ -122,8 +122,20 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
         tiles = [pv.shape[0] for pv in pixel_values]
         features = self._vision_hidden_states(torch.cat(list(pixel_values)))
+        return self._arranged(features, tiles, image_sizes)
+
+    def encode_with_cls_attention(self, pixel_values: Sequence[Tensor], image_sizes) -> tuple[list[Tensor], list[Tensor]]:
+        """Each tile has its own [CLS]: a token's score is the attention its tile's [CLS] pays it
+        (VisionZip on LLaVA-NeXT works per tile too); one budget K then ranks them over all tiles."""
+        tiles = [pv.shape[0] for pv in pixel_values]
+        features, attention = self._vision_hidden_states(torch.cat(list(pixel_values)), cls_attention=True)
+        arranged = self._arranged(attention[..., None], tiles, image_sizes)
+        return self._arranged(features, tiles, image_sizes), [a[:, 0] for a in arranged]
+
+    def _arranged(self, per_tile: Tensor, tiles: list[int], image_sizes) -> list[Tensor]:
+        """``(Σtiles, P, C)`` per-tile rows -> per image ``(N_i, C)`` in the model's sequence order."""
         out = []
-        for per_image, size in zip(features.split(tiles), image_sizes):
+        for per_image, size in zip(per_tile.split(tiles), image_sizes):
             layout = self.layout(size)
             out.append(per_image.reshape(-1, per_image.shape[-1])[layout.source_index.to(per_image.device)])
         return out
