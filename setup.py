@@ -31,7 +31,10 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training", "autoselect_fast.vllm_plugin"]
+PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training", "autoselect_fast.vllm_plugin",
+            "autoselect_fast.eval"]
+# lmms-eval for `python -m lmms_eval --model autoselect` (autoselect_fast.eval); CI tests 0.7.3 (.ci/eval_env.sh).
+EVAL_REQUIRES = ["lmms-eval>=0.7.3,<0.8"]
 CSRC = "csrc"
 
 
@@ -110,9 +113,14 @@ setup(
     # torch is deliberately unpinned here: CPU machines pin it through requirements.txt, GPU users
     # keep their CUDA build (DESIGN.md section 8).
     install_requires=["torch>=2.9", "triton>=3.4", "transformers>=5.17,<6", "safetensors", "numpy", "tqdm", "pillow"],
+    extras_require={"eval": EVAL_REQUIRES},
+    # the offline lmms-eval task: its YAML files, utils.py, questions and images
+    package_data={"autoselect_fast.eval": ["tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl", "tasks/*/images/*.png"]},
     entry_points={
         "console_scripts": ["autoselect-fast=autoselect_fast.cli:main"],
         # vLLM loads this in every process; it only registers the opt-in AutoSelectQwen2_5_VL architecture.
         "vllm.general_plugins": ["autoselect_fast = autoselect_fast.vllm_plugin:register"],
+        # lmms-eval finds `--model autoselect` here (autoselect_fast.eval.model_manifest); nothing is imported until it asks.
+        "lmms_eval.models": ["autoselect = autoselect_fast.eval:model_manifest"],
     },
 )

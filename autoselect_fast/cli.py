@@ -27,6 +27,7 @@ import sys
 import torch
 
 from . import preflight
+from .selectors import SELECTORS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -80,6 +81,15 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
             timeline[name] = {"ms": ms, "method": how}
         print(f"  GPU timeline       : Scorer + selection {timeline['pruning_module']['ms']:.3f} ms, "
               f"Scorer alone {timeline['scorer_only']['ms']:.3f} ms ({timeline['pruning_module']['method']})")
+    selectors = {}
+    if args.selectors:  # every selector's module side by side, interleaved (autoselect_fast.selector_costs)
+        from .selector_costs import selector_cost_table
+
+        selectors = selector_cost_table(args.selectors, tokens=args.tokens, dim=args.dim, keep=args.keep, batch=args.batch, dtype=args.dtype,
+                                        device=device, warmup=args.warmup, repeats=args.repeats)
+        print("  selectors, interleaved (ms per image; scores + selection, see autoselect_fast/selector_costs.py for what each includes):")
+        for name, t in selectors.items():
+            print(f"    {name:10s} {t['median_ms_per_image']:9.3f} ms (min {t['min_ms_per_image']:.3f}, max {t['max_ms_per_image']:.3f})")
     result = {
         "benchmark": "pruning_module",
         "environment": environment(device),
@@ -89,6 +99,7 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         "scorer_only": scoring.as_dict(),
         "selection_backend": backend,
         **({"gpu_timeline": timeline} if timeline else {}),
+        **({"selectors": selectors} if selectors else {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -270,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls before timing (default 5)")
     pruning.add_argument("--repeats", type=_int_at_least(1), default=50, help="timed calls; median and min-max are printed (default 50)")
     pruning.add_argument("--out", default="bench/out/pruning.json", help="where to write the JSON results")
+    pruning.add_argument("--selectors", nargs="*", default=[], choices=SELECTORS, metavar="NAME",
+                         help=f"also time these selectors side by side, interleaved ({', '.join(SELECTORS)}; none by default)")
     pruning.set_defaults(handler=run_pruning_benchmark)
 
     generate = sub.add_parser("generate", help="answer a question about an image with a local checkpoint, pruned by a Scorer")
