@@ -259,3 +259,8 @@ def check_selection_inputs(scores: Tensor, features: Tensor | None, positions: T
         check_tensor("positions", positions, ndim=(1, 2), dtypes=INT_DTYPES)
         if positions.shape[-1] != total or (positions.dim() == 2 and positions.shape[0] != 3):
             raise ValueError(f"positions must have shape ({total},) or (3, {total}), got {tuple(positions.shape)}")
+
+
+def is_int(value) -> bool:
+    """True for a Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -45,9 +45,9 @@ def _answer(engine: AutoSelectEngine, request: Request, settings: GenerateSettin
     engine.prefill([request])  # warm-up: first calls allocate and pick kernels; also fills the score cache
     engine.clear_score_cache()
     start = time.perf_counter()
-    tokens = engine.generate([request], max_new_tokens=settings.max_new_tokens, eos_token_id=eos or None)[0]
+    out = engine.generate([request], max_new_tokens=settings.max_new_tokens, eos_token_id=eos or None, timings=True)
     wall_ms = (time.perf_counter() - start) * 1e3
-    prefill = engine.last_prefill
+    tokens, prefill = out.token_ids[0], out.prefill
     stages = dict(prefill.timings_ms)
     return {
         "answer": tokenizer.decode(tokens, skip_special_tokens=True),

@@ -38,7 +38,7 @@ except ImportError as exc:  # kept to explain the failure when pack_varlen is ca
 else:
     _C_IMPORT_ERROR = None
 
-__all__ = ["PackedBatch", "pack_varlen", "pack_varlen_reference", "extension_available", "cuda_extension_expected"]
+__all__ = ["PackedBatch", "pack_varlen", "pack_varlen_reference", "extension_available", "extension_error", "cuda_extension_expected"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
@@ -77,13 +77,23 @@ def cuda_extension_expected() -> bool:
     return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
+def extension_error() -> ImportError | None:
+    """Why ``autoselect_fast._C`` cannot be used (an ImportError naming the build command), or None when it is built."""
+    if _C is not None:
+        return None
+    error = ImportError(
+        "autoselect_fast._C (the C++ varlen packing extension) is not built or cannot be loaded: "
+        f"{_C_IMPORT_ERROR}. Build it from the repository root with "
+        "`pip install --no-build-isolation -e .`"
+    )
+    error.__cause__ = _C_IMPORT_ERROR
+    return error
+
+
 def _extension():
-    if _C is None:
-        raise ImportError(
-            "autoselect_fast._C (the C++ varlen packing extension) is not built or cannot be loaded: "
-            f"{_C_IMPORT_ERROR}. Build it from the repository root with "
-            "`pip install --no-build-isolation -e .`"
-        ) from _C_IMPORT_ERROR
+    error = extension_error()
+    if error is not None:
+        raise error
     return _C
 
 

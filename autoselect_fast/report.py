@@ -333,7 +333,7 @@ def engine_contender(setup: BenchSetup, requests: list[Request], keep: Optional[
     engine = setup.engine_for(keep)
 
     def run():
-        out = engine.prefill(requests)
+        out = engine.prefill(requests, timings=True)
         return dict(out.timings_ms), out.logits
 
     def flops():

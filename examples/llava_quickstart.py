@@ -54,10 +54,10 @@ def main() -> None:
     for keep in (None, 16):
         engine = AutoSelectEngine(model, scorer, keep=keep)  # keep=None: every token, same code path
         engine.prefill(requests)  # warm-up (first calls allocate)
-        runs = [engine.prefill(requests) for _ in range(5)]
+        runs = [engine.prefill(requests, timings=True) for _ in range(5)]
         out = runs[-1]
         timings = {k: statistics.median(run.timings_ms[k] for run in runs) for k in out.timings_ms}
-        tokens = engine.generate(requests, max_new_tokens=8)
+        tokens = engine.generate(requests, max_new_tokens=8).token_ids
         label = "all tokens" if keep is None else f"keep={keep}"
         print(f"\n== {label}: kept {out.kept_tokens} of {out.visual_tokens} visual tokens, "
               f"sequence lengths {out.sequence_lengths}")

@@ -68,9 +68,9 @@ def main() -> None:
     ]
     for keep_ratio in (None, 2 / 9):
         engine = AutoSelectEngine(model, scorer, keep_ratio=keep_ratio, image_processor=processor)
-        out = engine.prefill(requests)
-        tokens = engine.generate(requests, max_new_tokens=8)
-        sampled = engine.generate(requests, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=0)
+        out = engine.prefill(requests, timings=True)
+        tokens = engine.generate(requests, max_new_tokens=8).token_ids
+        sampled = engine.generate(requests, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=0).token_ids
         label = "every token" if keep_ratio is None else f"keep_ratio={keep_ratio:.3f}"
         print(f"\n== {label}: kept {out.kept_tokens} of {out.visual_tokens} visual tokens per request, "
               f"sequence lengths {out.sequence_lengths}")

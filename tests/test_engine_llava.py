@@ -169,8 +169,8 @@ def test_llava_pruned_equals_hand_built_reference(llava, scorer, mode):
 def test_llava_generation_equals_stepwise_reference(llava, scorer, mode):
     engine = AutoSelectEngine(llava, scorer, keep=6, position_mode=mode)
     images, prompts = [picture(4), picture(5)], [PROMPTS[1], PROMPTS[0]]  # different lengths: padded decode
-    generated = engine.generate(build_requests(prompts, images), max_new_tokens=10)
-    kept = engine.last_prefill.kept_indices
+    result = engine.generate(build_requests(prompts, images), max_new_tokens=10)
+    generated, kept = result.token_ids, result.prefill.kept_indices
     for r, (prompt, image) in enumerate(zip(prompts, images)):
         features = model_image_features(llava, **processed(engine, image))[0]
         embeds, positions = pruned_sequence(llava, prompt, features, kept[r].tolist(), mode)
@@ -180,9 +180,9 @@ def test_llava_generation_equals_stepwise_reference(llava, scorer, mode):
 def test_llava_generation_stops_at_eos(llava, scorer):
     engine = AutoSelectEngine(llava, scorer, keep=6)
     requests = build_requests([PROMPTS[0], PROMPTS[1]], [picture(4), picture(5)])
-    free = engine.generate(requests, max_new_tokens=8)
+    free = engine.generate(requests, max_new_tokens=8).token_ids
     eos = free[0][2]
-    stopped = engine.generate(requests, max_new_tokens=8, eos_token_id=eos)
+    stopped = engine.generate(requests, max_new_tokens=8, eos_token_id=eos).token_ids
     assert stopped[0] == free[0][: free[0].index(eos) + 1]
     assert stopped[1] == (free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1])
 
@@ -315,10 +315,11 @@ def test_llava_next_pruned_equals_hand_built_reference(llava_next, scorer, mode)
 def test_llava_next_generation_equals_stepwise_reference(llava_next, scorer):
     engine = AutoSelectEngine(llava_next, scorer, keep=20)
     images, prompts = [picture(42, NEXT_IMAGES[1]), picture(43, NEXT_IMAGES[2])], [PROMPTS[0], PROMPTS[1]]
-    generated = engine.generate(build_requests(prompts, images), max_new_tokens=8)
+    result = engine.generate(build_requests(prompts, images), max_new_tokens=8)
+    generated = result.token_ids
     for r, (prompt, image) in enumerate(zip(prompts, images)):
         own = model_image_features(llava_next, **processed(engine, image))[0]
-        kept_slots = next_kept_slots(own, llava_next.model.image_newline, engine.last_prefill.kept_indices[r])
+        kept_slots = next_kept_slots(own, llava_next.model.image_newline, result.prefill.kept_indices[r])
         embeds, positions = pruned_sequence(llava_next, prompt, own, kept_slots, "original")
         assert generated[r] == stepwise_greedy(llava_next, embeds, positions, 8)
 
@@ -466,7 +467,7 @@ def test_llava_text_only_and_two_image_requests(llava, scorer, mode):
         embeds, positions = multi_image_reference(llava, prompt, feats, [k.tolist() for k in kept_r], mode)
         assert out.sequence_lengths[r] == embeds.shape[0]
         torch.testing.assert_close(out.logits[r], reference_logits(llava, embeds, positions), **TOL)
-    generated = engine.generate(requests, max_new_tokens=8)
+    generated = engine.generate(requests, max_new_tokens=8).token_ids
     embeds, positions = multi_image_reference(llava, prompts[0], features[:2], [k.tolist() for k in kept[:2]], mode)
     assert generated[0] == stepwise_greedy(llava, embeds, positions, 8)
     with torch.no_grad():
@@ -477,18 +478,18 @@ def test_llava_text_only_and_two_image_requests(llava, scorer, mode):
 def test_llava_per_request_limits_stop_tokens_and_sampling(llava, scorer):
     engine = AutoSelectEngine(llava, scorer, keep=6)
     images = [picture(4), picture(5)]
-    free = engine.generate(build_requests(PROMPTS[:2], images), max_new_tokens=8)
+    free = engine.generate(build_requests(PROMPTS[:2], images), max_new_tokens=8).token_ids
     requests = build_requests(PROMPTS[:2], images)
     requests[0].max_new_tokens = 3
     requests[1].stop_token_ids = [free[1][1]]
-    got = engine.generate(requests, max_new_tokens=8)
+    got = engine.generate(requests, max_new_tokens=8).token_ids
     assert got[0] == free[0][:3] and got[1] == free[1][: free[1].index(free[1][1]) + 1]
     plain = build_requests(PROMPTS[:2], images)
-    assert engine.generate(plain, max_new_tokens=8, do_sample=True, top_k=1, seed=0) == free
+    assert engine.generate(plain, max_new_tokens=8, do_sample=True, top_k=1, seed=0).token_ids == free
     plain[0].seed, plain[1].seed = 3, 4
-    sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
-    assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0)
-    assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0)[0] == sampled[1]
+    sampled = engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0).token_ids
+    assert sampled == engine.generate(plain, max_new_tokens=8, do_sample=True, temperature=2.0).token_ids
+    assert engine.generate(plain[1:], max_new_tokens=8, do_sample=True, temperature=2.0).token_ids[0] == sampled[1]
 
 
 def test_llava_next_full_sequence_embeddings_for_a_trainer(llava_next, scorer):

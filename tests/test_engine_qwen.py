@@ -257,7 +257,7 @@ def test_keep_all_mixed_batch_equals_model_on_each_request(qwen, scorer, process
 
 def test_keep_all_greedy_equals_transformers_generate(qwen, scorer, processed):
     engine = engine_for(qwen, scorer)
-    generated = engine.generate(batch_requests(processed), max_new_tokens=8)
+    generated = engine.generate(batch_requests(processed), max_new_tokens=8).token_ids
     for r, entry in enumerate(BATCH):
         inputs = model_inputs(processed, names_of(entry), entry[1])
         with torch.no_grad():
@@ -293,9 +293,10 @@ def test_pruned_equals_hand_built_reference(qwen, scorer, processed, mode):
 @pytest.mark.parametrize("mode", ["original", "compact"])
 def test_pruned_generation_equals_stepwise_reference(qwen, scorer, processed, mode):
     engine = engine_for(qwen, scorer, keep=5, position_mode=mode)  # the small image (N=4) keeps all 4
-    generated = engine.generate(batch_requests(processed), max_new_tokens=8)
-    kept_per_image = iter(engine.last_prefill.kept_indices)
-    assert [k.numel() for k in engine.last_prefill.kept_indices] == [5, 4, 5, 5]
+    result = engine.generate(batch_requests(processed), max_new_tokens=8)
+    generated = result.token_ids
+    kept_per_image = iter(result.prefill.kept_indices)
+    assert [k.numel() for k in result.prefill.kept_indices] == [5, 4, 5, 5]
     for r, entry in enumerate(BATCH):
         names = names_of(entry)
         kept = [next(kept_per_image) for _ in names]
@@ -385,19 +386,19 @@ def test_filter_logits_equals_transformers_warpers():
 def test_sampling_is_seeded_per_request_and_stays_in_the_filtered_set(qwen, scorer, processed):
     engine = engine_for(qwen, scorer, keep_ratio=0.5)
     requests = batch_requests(processed)
-    a = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
-    b = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
+    a = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7).token_ids
+    b = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7).token_ids
     assert a == b
-    assert engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=8) != a
+    assert engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=8).token_ids != a
     for r, req in enumerate(requests):
         req.seed = 100 + r
-    own = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7)
-    alone = engine.generate([requests[2]], max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20)
+    own = engine.generate(requests, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20, seed=7).token_ids
+    alone = engine.generate([requests[2]], max_new_tokens=6, do_sample=True, temperature=1.5, top_k=20).token_ids
     assert alone[0] == own[2]  # a request with its own seed samples the same tokens whatever the batch
     requests = batch_requests(processed)
-    greedy = engine.generate(requests, max_new_tokens=6)
-    assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_k=1, seed=1) == greedy
-    assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=1) == greedy
+    greedy = engine.generate(requests, max_new_tokens=6).token_ids
+    assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_k=1, seed=1).token_ids == greedy
+    assert engine.generate(requests, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=1).token_ids == greedy
     logits = engine.prefill(requests).logits
     first = sample_next_tokens(logits, do_sample=True, top_k=3, generators=[torch.Generator().manual_seed(s) for s in range(4)])
     assert all(int(t) in torch.topk(logits[r], 3).indices.tolist() for r, t in enumerate(first))
@@ -405,15 +406,15 @@ def test_sampling_is_seeded_per_request_and_stays_in_the_filtered_set(qwen, scor
 
 def test_stop_tokens_and_limits_per_request(qwen, scorer, processed):
     engine = engine_for(qwen, scorer, keep_ratio=0.5)
-    free = engine.generate(batch_requests(processed), max_new_tokens=8)
+    free = engine.generate(batch_requests(processed), max_new_tokens=8).token_ids
     stop = free[0][3]
     requests = batch_requests(processed)
     requests[0].stop_token_ids = [stop]
     requests[1].max_new_tokens = 2
-    got = engine.generate(requests, max_new_tokens=8)
+    got = engine.generate(requests, max_new_tokens=8).token_ids
     assert got[0] == free[0][: free[0].index(stop) + 1]
     assert got[1] == free[1][:2] and got[2] == free[2] and got[3] == free[3]
-    both = engine.generate(batch_requests(processed), max_new_tokens=5, eos_token_id=stop)
+    both = engine.generate(batch_requests(processed), max_new_tokens=5, eos_token_id=stop).token_ids
     for r in range(4):
         want = free[r][:5]
         assert both[r] == (want[: want.index(stop) + 1] if stop in want else want)

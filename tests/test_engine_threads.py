@@ -61,7 +61,7 @@ def test_concurrent_prefills_and_plain_calls(scorer, processed):  # noqa: F811
     requests = batch_requests(processed)
     batches = [requests, requests[:2], requests[2:], [requests[3], requests[0]]]
     serial = [engine.prefill(b).logits for b in batches]
-    serial_generated = engine.generate(requests[2:], max_new_tokens=4)
+    serial_generated = engine.generate(requests[2:], max_new_tokens=4).token_ids
     mismatches = []
 
     def prefills(offset):
@@ -75,7 +75,7 @@ def test_concurrent_prefills_and_plain_calls(scorer, processed):  # noqa: F811
 
     def generations():
         for _ in range(2):
-            got = engine.generate(requests[2:], max_new_tokens=4)
+            got = engine.generate(requests[2:], max_new_tokens=4).token_ids
             if got != serial_generated:
                 mismatches.append(("generate", got, serial_generated))
 

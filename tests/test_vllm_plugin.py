@@ -134,7 +134,7 @@ def run_engine(checkpoint, position_mode="original", **budget) -> list[dict]:
         requests.append(Request(ids, images=inputs))
     prefill = engine.prefill(requests)
     logprobs = torch.log_softmax(prefill.logits.double(), dim=-1)
-    generated = engine.generate(requests, max_new_tokens=GREEDY_TOKENS)
+    generated = engine.generate(requests, max_new_tokens=GREEDY_TOKENS).token_ids
     return [{"prompt_tokens": length, "tokens": tokens, "logprobs": row}
             for length, tokens, row in zip(prefill.sequence_lengths, generated, logprobs)]
 

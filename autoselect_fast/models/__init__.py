@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..placeholders import expand, image_runs, strip_runs
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -273,24 +275,22 @@ class VLMAdapter:
             ``(inputs_embeds (S, H), positions, labels (S,))`` with -100 at every image slot; positions
             are ``(S,)`` for 1-D models and ``(position_rows, S)`` otherwise, on ``projected``'s device.
         """
-        from ..engine import _image_runs  # one home for the placeholder rule (engine imports this package)
-
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         ids = [int(t) for t in input_ids.tolist()]
-        runs = _image_runs(ids, self.image_token_id)
+        runs = image_runs(ids, self.image_token_id)
         if len(runs) != 1:
             raise ValueError(f"a training sample must hold the image token (id {self.image_token_id}) in one run, got {len(runs)} runs")
-        start, run = runs[0]
+        _, run = runs[0]
         layout = self.layout(image_size)
         if run not in (1, layout.num_slots):
             raise ValueError(f"a training sample has a run of {run} image tokens; expected 1 placeholder or the expanded run of {layout.num_slots}")
         if projected.dim() != 2 or projected.shape[0] != layout.num_tokens:
             raise ValueError(f"projected must have shape ({layout.num_tokens}, H) for this image, got {tuple(projected.shape)}")
-        slots = layout.num_slots
-        expanded = torch.tensor(ids[:start] + [self.image_token_id] * slots + ids[start + run:], dtype=torch.int64)
-        labels = labels.to(torch.int64).cpu()
-        seq_labels = torch.cat([labels[:start], labels.new_full((slots,), -100), labels[start + run:]])
+        text, insert_at = strip_runs(ids, runs)
+        expanded = expand(text, insert_at, [layout.num_slots], self.image_token_id)
+        label_text, _ = strip_runs(labels.to(torch.int64).cpu().tolist(), runs)
+        seq_labels = expand(label_text, insert_at, [layout.num_slots], -100)
         embeds, positions = self.embed_full_sequence(expanded, [image_size], [projected])
         device = projected.device
         positions = positions.to(device)

@@ -46,9 +46,7 @@ parallelism, LoRA on the tower (``enable_tower_connector_lora``), disaggregated 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -70,6 +68,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from .. import ops  # noqa: E402
+from ..caching import LRUCache, image_fingerprint  # noqa: E402
 from ..modules import Scorer  # noqa: E402
 from ..reference import POSITION_MODES, check_budget_args, cu_seqlens_from_lengths, image_budget  # noqa: E402
 
@@ -168,10 +167,7 @@ class _GroupView(nn.Module):
 def pixels_fingerprint(pixel_values: Tensor, grid: Sequence[int], dtype: torch.dtype) -> str:
     """Identifies an image's pixels across the positions and encoder steps (after the cast to the
     tower's dtype, the cast both steps' tensors go through)."""
-    data = pixel_values.detach().to(dtype).contiguous().cpu()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
-    digest.update(repr((tuple(int(v) for v in grid), str(dtype))).encode())
-    return digest.hexdigest()
+    return image_fingerprint(pixel_values, meta=tuple(int(v) for v in grid), dtype=dtype)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -218,15 +214,15 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         self.__dict__["autoselect_scorer"] = scorer.eval().requires_grad_(False)
         self.autoselect = settings
         self._group_width = unit * vision.hidden_size
-        self._kept: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> kept raster indices (CPU)
-        self._kept_by_identifier: OrderedDict[str, Tensor] = OrderedDict()  # vLLM's item identifier -> the same
+        self._kept: LRUCache[Tensor] = LRUCache(_KEPT_CACHE_SIZE)  # fingerprint -> kept raster indices (CPU)
+        self._kept_by_identifier: LRUCache[Tensor] = LRUCache(_KEPT_CACHE_SIZE)  # vLLM's item identifier -> the same
         # What happened to the images so far (read it with LLM.apply_model(lambda m: m.autoselect_counts)).
         # selected_at_add: selections made when a request was added (the normal way); selected_at_encoder:
         # images the encoder step met first (vLLM's memory profiling with dummy images, or a forgotten
         # fingerprint); without_pixels: images vLLM sent without pixels; reencoded: known selections
         # gathered again from a fresh tower pass.
         self.autoselect_counts = {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0, "reencoded": 0}
-        self._embeds: OrderedDict[str, Tensor] = OrderedDict()  # fingerprint -> (K_i, H) embeddings
+        self._embeds: LRUCache[Tensor] = LRUCache(_EMBED_CACHE_SIZE)  # fingerprint -> (K_i, H) embeddings
 
     # -- the selection ---------------------------------------------------------------------------
     def _tower_dtype(self) -> torch.dtype:
@@ -272,26 +268,11 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         per_image = selection.indices.cpu().split(budgets)  # the positions need them on the host anyway
         return [(idx - start).to(torch.int32) for idx, start in zip(per_image, host_cu[:-1].tolist())]
 
-    @staticmethod
-    def _recall(cache: OrderedDict, key: str) -> Optional[Tensor]:
-        """A remembered value, marked as recently used (entries in use are never the ones dropped)."""
-        value = cache.get(key)
-        if value is not None:
-            cache.move_to_end(key)
-        return value
-
-    @staticmethod
-    def _store(cache: OrderedDict, key: str, value: Tensor, limit: int) -> None:
-        """Remember ``value``, dropping the least recently used entries beyond ``limit``."""
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > limit:
-            cache.popitem(last=False)
-
     @torch.inference_mode()
     def _prepare_images(self, pixels: list[Tensor], grids: list[list[int]], keys: list[str], where: str) -> None:
         """Select and embed the images not seen before (one tower pass for all of them)."""
-        new = [i for i, key in enumerate(keys) if self._recall(self._kept, key) is None]
+        # get() marks an entry as recently used: entries in use are never the ones dropped.
+        new = [i for i, key in enumerate(keys) if self._kept.get(key) is None]
         if not new:
             return
         self.autoselect_counts[f"selected_at_{where}"] += len(new)
@@ -299,8 +280,8 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         batch = torch.cat([pixels[i] for i in new]).to(device=device, dtype=dtype)
         groups = self._pre_merger_groups(batch, [grids[i] for i in new])
         for i, g, kept in zip(new, groups, self._select(groups)):
-            self._store(self._kept, keys[i], kept, _KEPT_CACHE_SIZE)
-            self._store(self._embeds, keys[i], self._merge(g[kept.to(device=g.device, dtype=torch.int64)]), _EMBED_CACHE_SIZE)
+            self._kept.put(keys[i], kept)
+            self._embeds.put(keys[i], self._merge(g[kept.to(device=g.device, dtype=torch.int64)]))
 
     # -- positions (request add) -----------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
@@ -322,14 +303,14 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         keys = [pixels_fingerprint(p, grids[i], dtype) for p, i in zip(pixels, with_pixels)]
         self._prepare_images(pixels, [grids[i] for i in with_pixels], keys, where="add")
         for i, key in zip(with_pixels, keys):
-            self._store(self._kept_by_identifier, features[i].identifier, self._kept[key], _KEPT_CACHE_SIZE)
+            self._kept_by_identifier.put(features[i].identifier, self._kept.get(key))
         self.autoselect_counts["without_pixels"] += len(pruned) - len(with_pixels)
         if self.autoselect.position_mode == "compact":  # needs no selection: 0..L-1 on every row
             length = len(input_tokens)
             return torch.arange(length).view(1, -1).expand(3, -1).clone(), 0
         kept = [torch.arange(self._num_groups(g)) for g in grids]
         for i in pruned:
-            remembered = self._recall(self._kept_by_identifier, features[i].identifier)
+            remembered = self._kept_by_identifier.get(features[i].identifier)
             if remembered is None:  # only after 65,536 other images since this one was last used
                 raise _fail(f"vLLM gave image {features[i].identifier!r} without its pixels, and its selection is no longer remembered")
             kept[i] = remembered
@@ -396,5 +377,5 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             batch = torch.cat([pixels[i] for i in again]).to(device=self.visual.device, dtype=dtype)
             groups = self._pre_merger_groups(batch, [grids[i] for i in again])
             for i, g in zip(again, groups):
-                out[i] = self._merge(g[self._recall(self._kept, keys[i]).to(device=g.device, dtype=torch.int64)])
+                out[i] = self._merge(g[self._kept.get(keys[i]).to(device=g.device, dtype=torch.int64)])
         return tuple(out)

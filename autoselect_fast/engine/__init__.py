@@ -1,0 +1,34 @@
+"""The inference engine: pruned, packed prefill and generation on LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
+
+One module per concern (``docs/engine.md``, "Layout"):
+
+* ``request``: :class:`Request`, :class:`ImageInput`, prompt checks and :func:`prepare_batch` (stage 1);
+* ``backends``: the selection, packer and attention backends, each resolved once with a smoke test;
+* ``sampling``: greedy / temperature, top-k, top-p choice of the next token;
+* ``decode``: the decode loop over the packed prefill's KV cache;
+* ``engine``: :class:`AutoSelectEngine`, its stages and their results.
+"""
+from .backends import SELECTION_BACKENDS, resolve_attention, resolve_packer, resolve_selection_backend
+from .engine import DEFAULT_SCORE_CACHE_SIZE, AutoSelectEngine, GenerateOutput, PrefillOutput, PruneResult
+from .request import ImageInput, PreparedBatch, Prompt, Request, build_requests, prepare_batch
+from .sampling import filter_logits, sample_next_tokens
+
+__all__ = [
+    "AutoSelectEngine",
+    "Request",
+    "ImageInput",
+    "Prompt",
+    "PreparedBatch",
+    "PruneResult",
+    "PrefillOutput",
+    "GenerateOutput",
+    "build_requests",
+    "prepare_batch",
+    "filter_logits",
+    "sample_next_tokens",
+    "SELECTION_BACKENDS",
+    "DEFAULT_SCORE_CACHE_SIZE",
+    "resolve_selection_backend",
+    "resolve_packer",
+    "resolve_attention",
+]

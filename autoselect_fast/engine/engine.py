@@ -1,0 +1,468 @@
+"""The engine: pruned, packed prefill and generation on LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
+
+This module owns :class:`AutoSelectEngine` and its stages (see ``docs/engine.md``, "Stages"). Every
+model goes through the same stages; what differs per model is asked of its adapter in
+``autoselect_fast.models``:
+
+1. :meth:`AutoSelectEngine.prepare` (host work): :func:`~autoselect_fast.engine.request.prepare_batch`.
+2. :meth:`AutoSelectEngine.encode_images`: pre-projector features of every image, one vision call.
+3. :meth:`AutoSelectEngine.prune`: Scorer (scores cached per image) + hard top-K selection per image.
+4. :meth:`AutoSelectEngine.pack`: projector on the kept tokens only, LLaVA-NeXT newlines, text
+   embeddings, position ids, one varlen batch (``autoselect_fast.packing``).
+5. :meth:`AutoSelectEngine.prefill_packed`: the language model over the packed batch with the varlen
+   attention backend; ``lm_head`` only on each request's last token.
+
+:meth:`AutoSelectEngine.prefill` runs 1-5 (with a per-stage timing breakdown when asked);
+:meth:`AutoSelectEngine.generate` decodes from the packed prefill's KV cache (``engine.decode``).
+An engine may be called from several threads at once (``docs/engine.md``, "Threads").
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from .._validation import check_choice, is_int, to_device
+from ..attention import install_dispatch, varlen_call
+from ..caching import LRUCache
+from ..models import VLMAdapter, get_adapter
+from ..packing import PackedBatch
+from ..placeholders import text_columns
+from ..reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
+from ..timing import Stopwatch
+from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
+from .decode import decode, padded_cache
+from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
+from .sampling import check_sampling, request_generators
+
+DEFAULT_SCORE_CACHE_SIZE = 1024
+
+__all__ = ["AutoSelectEngine", "PruneResult", "PrefillOutput", "GenerateOutput", "DEFAULT_SCORE_CACHE_SIZE"]
+
+
+@dataclass
+class PruneResult:
+    """Output of :meth:`AutoSelectEngine.prune`.
+
+    ``scores`` ``(ΣN,)`` per token (``token_cu_seqlens`` per image); ``selection`` is what the
+    selection backend returned: flat ``indices`` into the ΣN tokens (ascending per image), the kept
+    ``features`` ``(ΣK, d_v)``, their ``position_ids`` (the positions passed in, ``original`` mode)
+    and ``cu_seqlens`` of the kept tokens.
+    """
+
+    scores: Tensor
+    token_cu_seqlens: Tensor
+    selection: Selection
+
+    def kept_indices(self) -> list[Tensor]:
+        """Per image: indices of the kept tokens in ``[0, N_i)``, ascending (sequence order)."""
+        starts = self.token_cu_seqlens[:-1].tolist()
+        bounds = self.selection.cu_seqlens.tolist()
+        return [self.selection.indices[b:e] - s for s, b, e in zip(starts, bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class PrefillOutput:
+    """Result of :meth:`AutoSelectEngine.prefill`.
+
+    Attributes:
+        logits: ``(B, vocab)`` logits of the first generated token.
+        kept_tokens: per request, visual tokens kept over all its images (ΣK; newlines not counted).
+        visual_tokens: per request, visual tokens of its images before pruning (ΣN).
+        sequence_lengths: per request, tokens in the pruned LLM sequence (text + kept tokens + kept newlines).
+        next_positions: ``(B,)`` position id of the first generated token (largest position + 1, over
+            all rows for M-RoPE); decoding uses it on every row and counts up by one.
+        kept_indices: per image of the batch (request after request), ascending kept token indices in ``[0, N_i)``.
+        image_request: per image of the batch, the request it belongs to.
+        timings_ms: ``{}`` unless the call asked for ``timings=True``; then ``vision`` (vision tower +
+            feature arrangement), ``prune`` (Scorer + selection), ``pack`` (projector on kept tokens,
+            embeddings, positions, packing), ``prefill`` (LLM forward + lm_head on the last tokens),
+            ``total``, measured with CUDA synchronisation around each stage on a GPU.
+    """
+
+    logits: Tensor
+    kept_tokens: list[int]
+    visual_tokens: list[int]
+    sequence_lengths: list[int]
+    next_positions: Tensor
+    kept_indices: list[Tensor]
+    image_request: list[int] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateOutput:
+    """Result of :meth:`AutoSelectEngine.generate`: new token ids per request and the prefill they follow."""
+
+    token_ids: list[list[int]]
+    prefill: PrefillOutput
+
+
+class AutoSelectEngine:
+    """AutoSelect pruning around a LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL model (``autoselect_fast.models``).
+
+    Args:
+        model: the transformers model (any device / dtype; put in eval mode by the engine).
+        scorer: a :class:`autoselect_fast.modules.Scorer` reading the model's pre-projector features
+            (``adapter.feature_dim`` wide; moved to the model's device, features are cast to its dtype).
+        keep: visual tokens to keep per image (K), or ``None``. LLaVA: ``keep > N`` is an error;
+            Qwen2.5-VL (N follows the resolution): clipped to N.
+        keep_ratio: alternatively a fraction of each image's N: ``K = max(1, round(keep_ratio * N))``.
+            With neither, every token is kept (the full model through the same path).
+        position_mode: ``"original"`` (kept tokens and later text keep their full-sequence positions)
+            or ``"compact"`` (the pruned sequence is renumbered 0, 1, 2, ..., on every M-RoPE row).
+        selection_backend: ``"auto"`` | ``"ops"`` | ``"reference"`` (see ``engine.backends.resolve_selection_backend``).
+        attention_backend: ``"auto"`` | ``"flash_attn"`` | ``"torch_varlen"`` | ``"sdpa"`` for the packed prefill.
+        image_processor: processor for Pillow images; default: the model's processor class built from its config.
+        tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
+        score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
+
+    The language model's config is pointed once at a dispatching attention implementation
+    (``autoselect_fast.attention.install_dispatch``): the model's own implementation for every ordinary
+    call, the varlen backend inside this engine's packed prefill only, decided per call and thread.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer: nn.Module,
+        keep: Optional[int] = None,
+        *,
+        keep_ratio: Optional[float] = None,
+        position_mode: str = "original",
+        selection_backend: str = "auto",
+        attention_backend: str = "auto",
+        image_processor=None,
+        tokenizer=None,
+        score_cache_size: int = DEFAULT_SCORE_CACHE_SIZE,
+    ):
+        self.adapter: VLMAdapter = get_adapter(model)
+        self.model = model.eval()
+        if not callable(getattr(scorer, "check_input_dim", None)):
+            raise TypeError(f"scorer must be an autoselect_fast.modules.Scorer (with check_input_dim), got {type(scorer).__name__}")
+        scorer.check_input_dim(self.adapter.feature_dim)
+        self.device = self.adapter.device
+        self.scorer = scorer.to(self.device).eval()
+        reference.check_budget_args(keep, keep_ratio, required=False)
+        self.keep, self.keep_ratio = keep, keep_ratio
+        self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
+        self.attention_backend = resolve_attention(attention_backend, self.device, self.adapter.language_model)
+        self.selection_backend, self._select = resolve_selection_backend(selection_backend, self.device)
+        if self.selection_backend == "ops" and os.environ.get("TRITON_INTERPRET") == "1":
+            self._select = one_at_a_time(self._select)
+        self.packer_backend, self._pack = resolve_packer(self.device)
+        self.image_processor = image_processor
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        if not is_int(score_cache_size) or score_cache_size < 0:
+            raise ValueError(f"score_cache_size must be an int >= 0, got {score_cache_size!r}")
+        self.score_cache_size = score_cache_size
+        self._score_cache: LRUCache[Tensor] = LRUCache(score_cache_size)
+        self._lock = threading.Lock()  # guards the score cache, its counters and the lazy image processor
+        self.scorer_calls = 0  # forward calls of the Scorer (one per batch of uncached images)
+        self.scored_images = 0  # images the Scorer has scored
+        lm_params = inspect.signature(self.adapter.language_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # renamed in transformers 5.2x
+
+    def budget(self, num_tokens: int) -> int:
+        """K for an image of ``num_tokens`` visual tokens (``keep > N``: clipped or ValueError, per model)."""
+        return reference.image_budget(num_tokens, self.keep, self.keep_ratio, clip=self.adapter.clips_keep_to_tokens)
+
+    # -- stage 1: host-side preparation ------------------------------------------------------------
+    def _image_processor(self):
+        with self._lock:
+            if self.image_processor is None:
+                self.image_processor = self.adapter.default_image_processor()
+            return self.image_processor
+
+    def prepare(self, requests: Union[Request, Sequence[Request]]) -> PreparedBatch:
+        """Validate and tokenise requests, process images, expand placeholders, compute positions.
+
+        Every request is checked (types, token ids, placeholders against images, limits) before the
+        first image is processed.
+        """
+        return prepare_batch(requests, self.adapter, budget=self.budget, image_processor=self._image_processor, tokenizer=self.tokenizer)
+
+    # -- stage 2: vision ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: Sequence[Tensor], image_sizes: Optional[Sequence] = None) -> list[Tensor]:
+        """Pre-projector features ``(N_i, d_v)`` per image, tokens in sequence order (one vision call)."""
+        if not pixel_values:
+            return []
+        if image_sizes is None:
+            image_sizes = [None] * len(pixel_values)
+        return self.adapter.encode(pixel_values, image_sizes)
+
+    # -- stage 3: Scorer + selection ---------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, features: Sequence[Tensor], keys: Optional[Sequence[Optional[Hashable]]] = None) -> list[Tensor]:
+        """Scores ``(N_i,)`` per image; images whose key is cached skip the Scorer (scores are prompt-independent)."""
+        keys = [None] * len(features) if keys is None else list(keys)
+        if len(keys) != len(features):
+            raise ValueError(f"keys must have one entry per image ({len(features)}), got {len(keys)}")
+        with self._score_lock():
+            scores: list[Optional[Tensor]] = [None if key is None else self._score_cache.get(key) for key in keys]
+        missing = [i for i, s in enumerate(scores) if s is None]
+        if missing:
+            dtype = next(self.scorer.parameters()).dtype
+            flat = torch.cat([features[i] for i in missing]).to(dtype)
+            lengths = [features[i].shape[0] for i in missing]
+            if len(set(lengths)) == 1:  # equal sizes: one (B, N, d_v) batch, no offsets to read back
+                fresh = self.scorer(flat.view(len(lengths), lengths[0], flat.shape[-1])).reshape(-1).float()
+            else:
+                fresh = self.scorer(flat, to_device(cu_seqlens_from_lengths(lengths), flat.device)).float()
+            with self._score_lock():
+                self.scorer_calls += 1
+                self.scored_images += len(missing)
+                for i, s in zip(missing, fresh.split(lengths)):
+                    scores[i] = s
+                    if keys[i] is not None:
+                        self._score_cache.put(keys[i], s)
+        return scores
+
+    def _score_lock(self):
+        """The score cache's lock; none while torch.compile traces (single-threaded; Dynamo cannot trace a lock)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
+
+    def clear_score_cache(self) -> None:
+        with self._lock:
+            self._score_cache.clear()
+
+    def _no_images(self) -> PruneResult:
+        """The prune result of a batch without images (text-only requests)."""
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        rows = self.adapter.position_rows
+        positions = empty if rows == 1 else empty.view(1, 0).expand(rows, 0)
+        selection = Selection(indices=empty, features=torch.zeros(0, self.adapter.feature_dim, device=self.device),
+                              position_ids=positions, cu_seqlens=torch.zeros(1, dtype=torch.int64, device=self.device))
+        return PruneResult(scores=torch.zeros(0, device=self.device), token_cu_seqlens=torch.zeros(1, dtype=torch.int64), selection=selection)
+
+    @torch.inference_mode()
+    def prune(
+        self,
+        features: Sequence[Tensor],
+        budgets: Optional[Sequence[int]] = None,
+        *,
+        keys: Optional[Sequence[Optional[Hashable]]] = None,
+        positions: Optional[Tensor] = None,
+    ) -> PruneResult:
+        """Scorer (cached per key) + hard top-K of every image, in one selection call.
+
+        Args:
+            features: per image ``(N_i, d_v)`` (from :meth:`encode_images`).
+            budgets: K per image; default from the engine's ``keep`` / ``keep_ratio``.
+            keys: score-cache key per image (``None``: not cached).
+            positions: ``(ΣN,)`` or ``(3, ΣN)`` full-sequence positions of the tokens; default 0..N_i-1 per image.
+        """
+        if not features:
+            return self._no_images()
+        if budgets is None:
+            budgets = [self.budget(f.shape[0]) for f in features]
+        _check_budgets(budgets, features)  # on the host: the selection itself runs without data checks
+        flat = torch.cat(list(features))
+        host_cu = cu_seqlens_from_lengths([f.shape[0] for f in features])
+        cu = to_device(host_cu, flat.device)  # host-built offsets: copied without a synchronisation
+        if positions is not None:
+            positions = to_device(positions, flat.device)
+        if all(k == f.shape[0] for k, f in zip(budgets, features)):
+            # Keeping every token needs no scores: this is the unpruned baseline, so the Scorer stays idle.
+            if positions is None:
+                positions = to_device(reference.default_positions(host_cu), flat.device)
+            everything = torch.arange(flat.shape[0], device=flat.device)
+            selection = Selection(indices=everything, features=flat, position_ids=positions, cu_seqlens=cu)
+            return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=cu, selection=selection)
+        scores = torch.cat(self.score(features, keys))
+        # Budgets go as a host list: ΣK sizes the outputs without reading the device.
+        selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
+                                 max_seqlen=max(f.shape[0] for f in features))
+        return PruneResult(scores=scores, token_cu_seqlens=cu, selection=selection)
+
+    # -- stage 4: projector, embeddings, positions, packing ----------------------------------------
+    @torch.inference_mode()
+    def pack(self, batch: PreparedBatch, pruned: PruneResult) -> PackedBatch:
+        """The packed varlen batch of the pruned sequences (see ``docs/engine.md`` for the positions)."""
+        device = self.device
+        kept = pruned.kept_indices()
+        text_embeds = self.adapter.embed_tokens(batch.text_ids.to(device))
+        slots, visual = [], []
+        if batch.num_images:
+            projected = self.adapter.project(pruned.selection.features).split([k.numel() for k in kept])
+            for layout, kept_i, proj_i in zip(batch.layouts, kept, projected):
+                slots_i, embeds_i = self.adapter.image_slot_embeddings(layout, kept_i, proj_i)
+                slots.append(slots_i)
+                visual.append(embeds_i)
+        text_positions, visual_positions = self._positions(batch, slots)
+        visual_embeds = torch.cat(visual).to(text_embeds.dtype) if visual else text_embeds.new_zeros(0, text_embeds.shape[-1])
+        return self._pack(
+            text_embeds, batch.text_cu_seqlens, text_positions.to(device),
+            visual_embeds, cu_seqlens_from_lengths([s.numel() for s in slots]), visual_positions.to(device),
+            batch.image_request, batch.insert_at,
+        )
+
+    def _positions(self, batch: PreparedBatch, slots: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Positions of the text tokens ``(rows, ΣLt)`` and the kept image slots ``(rows, ΣV)``.
+
+        ``original``: each token's column in the full sequence, looked up in the positions the model gives
+        that sequence (gaps remain; M-RoPE rows gathered alike). ``compact``: the column in the pruned
+        sequence, the same on every row. Rows are squeezed away for 1-D positions.
+        """
+        rows = self.adapter.position_rows
+        text_parts, visual_parts = [], [None] * batch.num_images
+        for r, (s, e) in enumerate(reference.segment_bounds(batch.text_cu_seqlens)):
+            images = batch.images_of(r)
+            insert_at = [int(batch.insert_at[i]) for i in images]
+            if self.position_mode == "original":
+                columns, starts = text_columns(e - s, insert_at, [batch.layouts[i].num_slots for i in images])
+                full = batch.full_positions[r]
+                text_parts.append(full[:, columns])
+                for i, start in zip(images, starts):
+                    visual_parts[i] = full[:, start + slots[i]]
+            else:
+                columns, starts = text_columns(e - s, insert_at, [slots[i].numel() for i in images])
+                text_parts.append(columns.expand(rows, -1))
+                for i, start in zip(images, starts):
+                    visual_parts[i] = (start + torch.arange(slots[i].numel())).expand(rows, -1)
+        text = torch.cat(text_parts, dim=1)
+        visual = torch.cat(visual_parts, dim=1) if visual_parts else torch.zeros(rows, 0, dtype=torch.int64)
+        return (text[0], visual[0]) if rows == 1 else (text.contiguous(), visual.contiguous())
+
+    # -- stage 5: LLM prefill over the packed batch ------------------------------------------------
+    @torch.inference_mode()
+    def prefill_packed(self, packed: PackedBatch, cache=None) -> Tensor:
+        """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
+
+        ``cache`` (a transformers ``DynamicCache``) is filled with the packed keys/values when given.
+        """
+        lm = self.adapter.language_model
+        install_dispatch(lm.config)  # a no-op unless the model's implementation was switched since
+        cu = packed.cu_seqlens.to(device=self.device, dtype=torch.int32)
+        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
+        with varlen_call(self.attention_backend):
+            hidden = lm(
+                inputs_embeds=packed.embeds[None],
+                position_ids=packed.position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
+                attention_mask=None,
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=packed.max_seqlen,
+                max_length_k=packed.max_seqlen,
+                **kwargs,
+            ).last_hidden_state
+        last = hidden[0, packed.last_token_index.to(self.device)]
+        return self.adapter.lm_head(last)
+
+    # -- end to end --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, requests: Union[Request, Sequence[Request]], timings: bool = False) -> PrefillOutput:
+        """Pruned prefill of a batch: first-token logits and kept counts.
+
+        ``timings=True`` fills :attr:`PrefillOutput.timings_ms`, synchronising the device around every
+        stage; by default nothing synchronises for the sake of timing and ``timings_ms`` is ``{}``.
+        """
+        out, _, _ = self._prefill(requests, cache=None, timings=timings)
+        return out
+
+    def _prefill(self, requests, cache, timings: bool, batch: Optional[PreparedBatch] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+        if not isinstance(timings, bool):
+            raise TypeError(f"timings must be a bool, got {timings!r}")
+        batch = self.prepare(requests) if batch is None else batch
+        clock = Stopwatch(self.device) if timings else None
+
+        def stage(name: str):
+            return clock.stage(name) if clock is not None else contextlib.nullcontext()
+
+        with stage("vision"):
+            features = self.encode_images(batch.pixel_values, batch.image_sizes)
+        with stage("prune"):
+            pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions)
+        with stage("pack"):
+            packed = self.pack(batch, pruned)
+        with stage("prefill"):
+            logits = self.prefill_packed(packed, cache)
+        timings_ms = {}
+        if clock is not None:
+            timings_ms = {**clock.ms, "total": sum(clock.ms.values())}
+        lengths = packed.cu_seqlens.diff().tolist()
+        request_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), packed.cu_seqlens.diff().to(self.device).long())
+        token_max = packed.position_ids.view(-1, packed.embeds.shape[0]).amax(0)  # over the M-RoPE rows
+        largest = torch.full((len(lengths),), -1, dtype=torch.int64, device=self.device)
+        largest = largest.scatter_reduce(0, request_of_token, token_max, reduce="amax")
+        image_request = batch.image_request.tolist()
+        kept_tokens, visual_tokens = [0] * batch.batch_size, [0] * batch.batch_size
+        for r, k, layout in zip(image_request, batch.budgets, batch.layouts):
+            kept_tokens[r] += k
+            visual_tokens[r] += layout.num_tokens
+        output = PrefillOutput(
+            logits=logits,
+            kept_tokens=kept_tokens,
+            visual_tokens=visual_tokens,
+            sequence_lengths=lengths,
+            next_positions=largest + 1,
+            kept_indices=pruned.kept_indices(),
+            image_request=image_request,
+            timings_ms=timings_ms,
+        )
+        return output, packed, batch
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Union[Request, Sequence[Request]],
+        max_new_tokens: int = 32,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: Optional[int] = None,
+        timings: bool = False,
+    ) -> GenerateOutput:
+        """Decoding after a pruned, packed prefill: the new token ids per request and that prefill.
+
+        Args:
+            max_new_tokens: default limit; ``Request.max_new_tokens`` overrides it per request.
+            eos_token_id: stop token(s) of every request; ``Request.stop_token_ids`` adds its own. A
+                request stops after emitting one of its stop tokens (included in its output).
+            do_sample: ``False``: greedy (argmax). ``True``: sample from the logits divided by
+                ``temperature``, restricted to the ``top_k`` best (0: all) and the ``top_p`` nucleus.
+            seed: every request gets its own generator, seeded with ``Request.seed`` when set, else
+                with ``seed + r`` (r: its index in the batch); with neither, torch's global generator
+                is used. A request with its own seed samples the same tokens whatever the rest of the batch.
+            timings: as for :meth:`prefill` (the prefill's stage times in ``GenerateOutput.prefill``).
+
+        The KV cache holds only the kept tokens; decoding continues at each request's largest position
+        + 1 (every M-RoPE row), one more per step.
+        """
+        check_max_new_tokens("max_new_tokens", max_new_tokens)
+        eos = stop_set("eos_token_id", eos_token_id)
+        check_sampling(do_sample, temperature, top_k, top_p, seed)
+        batch = self.prepare(requests)
+        limits = [m if m is not None else max_new_tokens for m in batch.max_new_tokens]
+        stops = [eos | own for own in batch.stop_token_ids]
+        generators = request_generators(batch.seeds, seed, self.device)
+        from transformers import DynamicCache
+
+        packed_cache = DynamicCache()
+        first, packed, _ = self._prefill(requests, cache=packed_cache, timings=timings, batch=batch)
+        cache, attention_mask = padded_cache(packed_cache, packed.cu_seqlens, self.device)
+        token_ids = decode(
+            self.adapter, self._cache_kwarg, first.logits, first.next_positions, cache, attention_mask,
+            limits=limits, stops=stops, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            generators=generators,
+        )
+        return GenerateOutput(token_ids=token_ids, prefill=first)
+
+
+def _check_budgets(budgets: Sequence[int], features: Sequence[Tensor]) -> None:
+    if len(budgets) != len(features):
+        raise ValueError(f"budgets must have one entry per image ({len(features)}), got {len(budgets)}")
+    for i, (k, f) in enumerate(zip(budgets, features)):
+        if not is_int(k) or not 1 <= k <= f.shape[0]:
+            raise ValueError(f"budgets[{i}] must be an int with 1 <= K <= {f.shape[0]} (the image's tokens), got {k!r}")
