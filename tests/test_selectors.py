@@ -4,6 +4,9 @@ the [CLS] attention the adapters give ``visionzip`` against the model's own atte
 Every selector is checked through the engine's selection rule (``reference.select_tokens``: top-K,
 ties to the lower index, ascending), so what is compared is the set of kept tokens.
 """
+import os
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +188,127 @@ def test_visionzip_is_refused_where_there_is_no_cls_attention():
     layered = get_adapter(tiny_llava(3, feature_layer=[-3, -2]))  # features of two layers: no single attention
     with pytest.raises(ValueError, match=r"list of layers \(\[-3, -2\]\)"):
         VisionZipSelector().check_model(layered)
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the engine: the selector's choice, with the engine's contract (order, positions, packing)
+# --------------------------------------------------------------------------------------------------
+sys.path.insert(0, os.path.dirname(__file__))
+from test_engine_llava import (  # noqa: E402 - the LLaVA fixtures and hand-built references
+    BASE_TOKENS, IMAGE_TOKEN, PINPOINTS, PROMPTS, TEXT, VISION, llava, model_image_features, picture, processed, pruned_sequence,
+    reference_logits, scorer,
+)
+
+
+def expected_kept(engine, name, image, k):
+    """What the selector's definition keeps of the engine's own features of ``image``."""
+    from autoselect_fast.engine import Request
+
+    batch = engine.prepare(Request([1, 127, 2], image=image))
+    features, attention = engine.encode_images(batch.pixel_values, batch.image_sizes, cls_attention=True)
+    f = features[0]
+    if name == "norm":
+        return reference_norm(f, k)
+    if name == "divprune":
+        with torch.no_grad():
+            return reference_divprune(engine.adapter.project(f), k)
+    if name == "visionzip":
+        return reference_visionzip(attention[0], k)
+    scores = make_selector("random", seed=0)(inputs([f], [k], batch.image_keys))  # seeded by the image's pixel key
+    return reference_visionzip(scores[0], k)  # (top-k, ties to the lower index)
+
+
+@pytest.mark.parametrize("name", ["random", "norm", "divprune", "visionzip"])
+def test_engine_keeps_the_selectors_choice_with_the_same_contract(llava, name):
+    """Kept tokens = the definition's; logits = the unmodified model fed those tokens at their original
+    positions (the hand-built reference of tests/test_engine_llava.py)."""
+    from autoselect_fast.engine import AutoSelectEngine, Request
+
+    engine = AutoSelectEngine(llava, keep=5, selector=name)
+    image, prompt = picture(3), PROMPTS[0]
+    out = engine.prefill(Request(prompt, image=image))
+    kept = out.kept_indices[0]
+    assert kept.tolist() == expected_kept(engine, name, image, 5).tolist()
+    assert out.kept_tokens == [5]
+    embeds, positions = pruned_sequence(llava, prompt, model_image_features(llava, **processed(engine, image))[0], kept.tolist(), "original")
+    torch.testing.assert_close(out.logits[0], reference_logits(llava, embeds, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_selector_arguments(llava, scorer):
+    from autoselect_fast.engine import AutoSelectEngine, Request
+
+    everything = AutoSelectEngine(llava)  # no Scorer, no budget: every token, nothing to choose
+    assert everything.prefill(Request(PROMPTS[0], image=picture(1))).kept_tokens == [16]
+    with pytest.raises(ValueError, match="needs a Scorer"):
+        AutoSelectEngine(llava, keep=4)
+    with pytest.raises(ValueError, match="selector must be one of"):
+        AutoSelectEngine(llava, scorer, keep=4, selector="fastv")
+    with pytest.raises(TypeError, match="scorer must be an autoselect_fast.modules.Scorer"):
+        AutoSelectEngine(llava, "scorer.pt", keep=4)
+    # a training-free selector ignores a Scorer passed along
+    assert AutoSelectEngine(llava, scorer, keep=4, selector="norm").scorer is None
+
+
+def test_engine_caches_budget_dependent_scores_per_budget(llava):
+    """DivPrune's scores depend on K: a cached image asked with a larger K gets that K's greedy set."""
+    from autoselect_fast.engine import AutoSelectEngine, Request
+
+    engine = AutoSelectEngine(llava, keep=3, selector="divprune")
+    image = picture(5)
+    batch = engine.prepare(Request(PROMPTS[0], image=image))
+    features = engine.encode_images(batch.pixel_values)
+    small = engine.prune(features, [3], keys=batch.image_keys).kept_indices()[0]
+    large = engine.prune(features, [9], keys=batch.image_keys).kept_indices()[0]
+    with torch.no_grad():
+        projected = engine.adapter.project(features[0])
+    assert small.tolist() == reference_divprune(projected, 3).tolist()
+    assert large.tolist() == reference_divprune(projected, 9).tolist()
+    assert engine.scored_images == 2
+    engine.prune(features, [9], keys=batch.image_keys)
+    assert engine.scored_images == 2  # (key, K) cached
+
+
+def test_visionzip_on_llava_next_ranks_every_tiles_cls_attention():
+    """LLaVA-NeXT: a token's score is its own tile's [CLS] attention (the model's own weights), one K over all tiles."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from autoselect_fast.engine import AutoSelectEngine, Request
+
+    torch.manual_seed(1)
+    config = LlavaNextConfig(vision_config=VISION.to_dict(), text_config=TEXT.to_dict(), image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS)
+    config.vision_config._attn_implementation = "eager"
+    model = LlavaNextForConditionalGeneration(config).eval()
+    engine = AutoSelectEngine(model, keep=7, selector="visionzip")
+    image = picture(4, size=(50, 30))
+    out = engine.prefill(Request(PROMPTS[0], image=image))
+    batch = engine.prepare(Request(PROMPTS[0], image=image))
+    pixels = batch.pixel_values[0]
+    layout = batch.layouts[0]
+    with torch.no_grad():
+        attn = model.model.vision_tower(pixels, output_attentions=True).attentions
+    per_tile = attn[max(config.vision_feature_layer % (VISION.num_hidden_layers + 1) - 1, 0)][:, :, 0, 1:].sum(1)  # (tiles, P)
+    by_token = per_tile.reshape(-1)[layout.source_index]
+    assert out.kept_indices[0].tolist() == reference_visionzip(by_token, 7).tolist()
+    assert len(out.kept_indices[0]) == 7 and layout.num_tokens > 2 * BASE_TOKENS  # base tile + crops
+
+
+def test_divprune_on_qwen_uses_the_merger_and_visionzip_is_refused():
+    """Qwen2.5-VL: DivPrune compares merged tokens (the merger is the projector); images of mixed sizes."""
+    from test_engine_qwen import image_processor, image_prompt, tiny_qwen
+    from test_engine_qwen import picture as qwen_picture
+
+    from autoselect_fast.engine import AutoSelectEngine, Request
+
+    model = tiny_qwen()
+    engine = AutoSelectEngine(model, keep_ratio=0.3, selector="divprune", image_processor=image_processor())
+    requests = [Request(image_prompt(9, 10), image=qwen_picture(0, (84, 56))), Request(image_prompt(11), image=qwen_picture(1, (56, 112)))]
+    out = engine.prefill(requests)
+    batch = engine.prepare(requests)
+    features = engine.encode_images(batch.pixel_values, batch.image_sizes)
+    assert len({f.shape[0] for f in features}) == 2
+    for f, kept in zip(features, out.kept_indices):
+        with torch.no_grad():
+            merged = model.model.visual.merger(f.reshape(-1, model.config.vision_config.hidden_size))
+        assert kept.tolist() == reference_divprune(merged, max(1, round(0.3 * f.shape[0]))).tolist()
+    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+        AutoSelectEngine(model, keep=4, selector="visionzip")
