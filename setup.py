@@ -34,7 +34,8 @@ from setuptools import setup
 PACKAGES = ["autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.training", "autoselect_fast.vllm_plugin",
             "autoselect_fast.eval"]
 # lmms-eval for `python -m lmms_eval --model autoselect` (autoselect_fast.eval); CI tests 0.7.3 (.ci/eval_env.sh).
-EVAL_REQUIRES = ["lmms-eval>=0.7.3,<0.8"]
+# filelock < 4: lmms-eval 0.7.3 imports filelock._api, which filelock 4 no longer has (it does not pin it itself).
+EVAL_REQUIRES = ["lmms-eval>=0.7.3,<0.8", "filelock<4"]
 CSRC = "csrc"
 
 

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from lmms_eval import utils as lmms_utils
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 
@@ -50,6 +50,16 @@ from ..reference import POSITION_MODES, check_budget_args
 from ..selectors import SELECTORS
 
 DEFAULT_MAX_NEW_TOKENS = 128
+
+
+# lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns a
+# ``(float, bool)`` pair into its ``str()`` and breaks its own multiple-choice scoring; the pair wrapped in a
+# ``GenerationResult`` comes out unchanged. Wrapped only where the installed lmms-eval would mangle it.
+_WRAP_LOGLIKELIHOOD = unwrap_generation_output((0.5, True))[0] != (0.5, True)
+
+
+def _loglikelihood_result(pair: tuple[float, bool]):
+    return GenerationResult(text=pair) if _WRAP_LOGLIKELIHOOD else pair
 
 
 def _resolve_pretrained(pretrained: str) -> str:
@@ -235,7 +245,8 @@ class _AutoSelectLMM(lmms):
         return text[:end]
 
     # -- log-likelihood -----------------------------------------------------------------------------
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list:
+        """``(mean NLL of the continuation, greedy?)`` per request (see the module docstring)."""
         items = []
         for req in requests:
             context, continuation, doc_to_visual, doc_id, task, split = req.args
@@ -250,7 +261,7 @@ class _AutoSelectLMM(lmms):
             results.extend(self._loglikelihood_batch(items[start:start + self.batch_size]))
         return results
 
-    def _loglikelihood_batch(self, items: list[tuple[str, list, str]]) -> list[tuple[float, bool]]:
+    def _loglikelihood_batch(self, items: list[tuple[str, list, str]]) -> list:
         requests, targets = [], []
         for prompt, images, continuation in items:
             context_ids = list(self.tokenizer(prompt)["input_ids"])
@@ -268,7 +279,7 @@ class _AutoSelectLMM(lmms):
             target_t = torch.tensor(target, device=log_probs.device)
             token_ll = log_probs.gather(1, target_t[:, None])[:, 0]
             greedy = bool((log_probs.argmax(-1) == target_t).all())
-            results.append((float(-token_ll.mean()), greedy))
+            results.append(_loglikelihood_result((float(-token_ll.mean()), greedy)))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
