@@ -277,3 +277,27 @@ def test_bad_model_arguments_fail_before_loading(files):
         build_lm("AutoSelectChat", f"pretrained={files['qwen']},keep=2,selector=visionzip,device=cpu")
     lm = build_lm("AutoSelectChat", base + ",keep=4,selector=divprune,batch_size=5")
     assert lm.batch_size == 5 and lm.engine.keep == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# The learning experiment's table, every row through the lmms-eval model on the offline task
+# --------------------------------------------------------------------------------------------------
+def test_experiment_table_through_lmms_eval(tmp_path):
+    """Shortened experiment (tests/test_training_experiment.py's settings): every method's accuracy through
+    lmms-eval equals the engine's direct answers, and the trained Scorer is above each training-free selector."""
+    from test_training_experiment import CI_SETTINGS, check_learning
+
+    from autoselect_fast.training.experiment import ExperimentSettings, run_experiment
+
+    threads = torch.get_num_threads()
+    os.environ.update({**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
+    settings = ExperimentSettings(tag="ci-lmms", out_dir=str(tmp_path), through="lmms-eval", **CI_SETTINGS)
+    try:
+        result = run_experiment(settings, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    check_learning(result)
+    assert result["summary"]["lmms_eval_answers_equal_engine"]
+    for method in result["methods"].values():
+        assert method["accuracy"] == method["engine_accuracy"]
+        assert method["lmms_eval_model_args"]["selector"] == method["selector"]

@@ -13,7 +13,7 @@ entry point, see ``autoselect_fast.eval``). Model arguments:
 * ``position_mode``: ``original`` (default) or ``compact``.
 * ``device`` (default: cuda when available, else cpu), ``dtype`` (``fp32``/``fp16``/``bf16``; default fp16
   on cuda, fp32 on cpu), ``batch_size`` (requests per packed batch; lmms-eval's ``--batch_size`` when not
-  given here).
+  given here), ``selection_backend`` (the engine's: ``auto``, ``ops``, ``reference``).
 
 Two classes, one behaviour. :class:`AutoSelectChat` is the chat model (lmms-eval's recommended type: it
 reads the task's ``doc_to_messages``) that ``--model autoselect`` resolves to; :class:`AutoSelectSimple`
@@ -96,13 +96,14 @@ class _AutoSelectLMM(lmms):
         dtype: Optional[str] = None,
         batch_size: int = 1,
         seed: int = 0,
+        selection_backend: str = "auto",
         **unknown: Any,
     ) -> None:
         super().__init__()
         unknown.pop("max_batch_size", None)  # lmms-eval passes it to every model; only for batch_size=auto
         if unknown:
             raise ValueError(f"unknown model argument(s) {sorted(unknown)} for --model autoselect; allowed: pretrained, scorer, keep, "
-                             "keep_ratio, selector, position_mode, device, dtype, batch_size, seed")
+                             "keep_ratio, selector, position_mode, device, dtype, batch_size, seed, selection_backend")
         # Every argument is checked before any weight is read.
         if keep is not None:
             keep = _int_arg("keep", keep, 1)
@@ -135,7 +136,8 @@ class _AutoSelectLMM(lmms):
             loaded_scorer = loaded_scorer.to(device=device, dtype=DTYPES[dtype])
         self.engine = AutoSelectEngine(
             self.model, loaded_scorer, keep=keep, keep_ratio=keep_ratio, selector=selector, seed=self.seed,
-            position_mode=position_mode, image_processor=self.checkpoint.image_processor, tokenizer=self.checkpoint.tokenizer,
+            position_mode=position_mode, selection_backend=selection_backend, image_processor=self.checkpoint.image_processor,
+            tokenizer=self.checkpoint.tokenizer,
         )
         self.tokenizer = self.checkpoint.tokenizer
         self._device = device
