@@ -271,14 +271,14 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     log(f"results: {json_path}")
     if settings.plot:
         png = os.path.join(settings.out_dir, f"{name}.png")
-        plot(methods, test, settings.keep, png)
+        plot(methods, test, settings.keep, png, through=settings.through)
         log(f"plot: {png}")
     if settings.work_dir is None:
         shutil.rmtree(work_dir, ignore_errors=True)
     return result
 
 
-def plot(methods: dict, test: list, keep: int, path: str, images: int = 4) -> None:
+def plot(methods: dict, test: list, keep: int, path: str, images: int = 4, through: str = "engine") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,7 +301,7 @@ def plot(methods: dict, test: list, keep: int, path: str, images: int = 4) -> No
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylim(0, 110)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(f"Held-out accuracy through AutoSelectEngine, K = {keep} of {S.GRID * S.GRID} tokens")
+    ax.set_title(f"Held-out accuracy (through {through}), K = {keep} of {S.GRID * S.GRID} tokens; kept tokens below: AutoSelectEngine")
     for r, method in enumerate(drawn):
         for c in range(images):
             a = fig.add_subplot(grid[1 + r, c])
