@@ -14,17 +14,19 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..reference import cu_seqlens_from_lengths
 from ..models import VLMAdapter
 from .sampling import sample_next_tokens
 
 __all__ = ["padded_cache", "decode"]
 
 
-def padded_cache(packed_cache, cu_seqlens: Tensor, device: torch.device):
-    """Packed (1, Hkv, T, d) keys/values -> a left-padded (B, Hkv, L_max, d) DynamicCache + 2-D mask."""
+def padded_cache(packed_cache, lengths: Sequence[int], device: torch.device):
+    """Packed (1, Hkv, T, d) keys/values of requests of ``lengths`` tokens -> a left-padded
+    (B, Hkv, L_max, d) DynamicCache + 2-D mask."""
     from transformers import DynamicCache
 
-    bounds = reference.segment_bounds(cu_seqlens)
+    bounds = reference.segment_bounds(cu_seqlens_from_lengths(lengths))
     longest = max(e - s for s, e in bounds)
     mask = torch.zeros(len(bounds), longest, dtype=torch.int64, device=device)
     for r, (s, e) in enumerate(bounds):
