@@ -6,7 +6,7 @@
 # 1. builds the package with the CUDA extension (fails rather than fall back to a CPU-only build),
 # 2. the CUDA tests (compiled Triton kernels, the CUDA packer, host-sync tests),
 # 3. kernel timings (bench/bench_kernels.py: eager and CUDA-graph GPU timeline), packer vs copy bandwidth,
-#    the pruning module (Scorer + selection) at LLaVA-1.5's size,
+#    the pruning module (Scorer + selection) at LLaVA-1.5's size, and every selector side by side,
 # 4. TTFT reports of the full-size presets (llava-1.5-7b, qwen2.5-vl-7b serving) and the training
 #    step's peak memory, random weights.
 # Each step has its own time limit (cut to what is left of the budget) and its log in RESULTS_DIR;
@@ -58,7 +58,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests-cuda 200 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider $XDIST
 step kernels 150 "$PY" bench/bench_kernels.py --out "$STAGE/kernels-$GPU.json"
 step packing 90 "$PY" bench/bench_packing.py --out "$STAGE/packing-$GPU.json"
-step pruning 90 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --out "$STAGE/pruning-$GPU-fp16.json"
+step pruning 150 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --selectors scorer random norm divprune visionzip --out "$STAGE/pruning-$GPU-fp16.json"
 step report-llava-1.5-7b 200 "$PY" -m autoselect_fast bench --preset llava-1.5-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step report-qwen2.5-vl-7b 200 "$PY" -m autoselect_fast bench --preset qwen2.5-vl-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step training-memory 180 "$PY" bench/bench_training_memory.py --preset llava-1.5-7b --batch 8 --keep 64 --out "$STAGE/training-memory-$GPU.json"
