@@ -32,9 +32,12 @@ import sys
 from setuptools import setup
 
 PACKAGES = [
-    "autoselect_fast", "autoselect_fast.kernels", "autoselect_fast.models", "autoselect_fast.ops", "autoselect_fast.training",
-    "autoselect_fast.vllm_plugin",
+    "autoselect_fast", "autoselect_fast.engine", "autoselect_fast.eval", "autoselect_fast.kernels", "autoselect_fast.models",
+    "autoselect_fast.ops", "autoselect_fast.report", "autoselect_fast.training", "autoselect_fast.vllm_plugin",
 ]
+# lmms-eval for `python -m lmms_eval --model autoselect` (autoselect_fast.eval); CI tests 0.7.3 (.ci/eval_env.sh).
+# filelock < 4: lmms-eval 0.7.3 imports filelock._api, which filelock 4 no longer has (it does not pin it itself).
+EVAL_REQUIRES = ["lmms-eval>=0.7.3,<0.8", "filelock<4"]
 CSRC = "csrc"
 
 
@@ -113,9 +116,14 @@ setup(
     # torch is deliberately unpinned here: CPU machines pin it through requirements.txt, GPU users
     # keep their CUDA build (DESIGN.md section 8).
     install_requires=["torch>=2.9", "triton>=3.4", "transformers>=5.17,<6", "safetensors", "numpy", "tqdm", "pillow"],
+    extras_require={"eval": EVAL_REQUIRES},
+    # the offline lmms-eval task: its YAML files, utils.py, questions and images
+    package_data={"autoselect_fast.eval": ["tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl", "tasks/*/images/*.png"]},
     entry_points={
         "console_scripts": ["autoselect-fast=autoselect_fast.cli:main"],
         # vLLM loads this in every process; it only registers the opt-in AutoSelectQwen2_5_VL architecture.
         "vllm.general_plugins": ["autoselect_fast = autoselect_fast.vllm_plugin:register"],
+        # lmms-eval finds `--model autoselect` here (autoselect_fast.eval.model_manifest); nothing is imported until it asks.
+        "lmms_eval.models": ["autoselect = autoselect_fast.eval:model_manifest"],
     },
 )

@@ -28,6 +28,7 @@ import torch
 
 from . import preflight
 from ._validation import DTYPES
+from .selectors import SELECTORS
 
 
 def _dtype_arg(name: str) -> torch.dtype:
@@ -59,6 +60,15 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     if timeline:  # the GPU's own time per call, as inside a served model's CUDA graph
         print(f"  GPU timeline       : Scorer + selection {timeline['pruning_module']['ms']:.3f} ms, "
               f"Scorer alone {timeline['scorer_only']['ms']:.3f} ms ({timeline['pruning_module']['method']})")
+    selectors = {}
+    if args.selectors:  # every selector's module side by side, interleaved (autoselect_fast.selector_costs)
+        from .selector_costs import selector_cost_table
+
+        selectors = selector_cost_table(args.selectors, tokens=args.tokens, dim=args.dim, keep=args.keep, batch=args.batch, dtype=args.dtype,
+                                        device=device, warmup=args.warmup, repeats=args.repeats)
+        print("  selectors, interleaved (ms per image; scores + selection, see autoselect_fast/selector_costs.py for what each includes):")
+        for name, t in selectors.items():
+            print(f"    {name:10s} {t['median_ms_per_image']:9.3f} ms (min {t['min_ms_per_image']:.3f}, max {t['max_ms_per_image']:.3f})")
     result = {
         "benchmark": "pruning_module",
         "environment": environment(device),
@@ -68,6 +78,7 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         "scorer_only": scoring,
         "selection_backend": backend,
         **({"gpu_timeline": timeline} if timeline else {}),
+        **({"selectors": selectors} if selectors else {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -255,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls before timing (default 5)")
     pruning.add_argument("--repeats", type=_int_at_least(1), default=50, help="timed calls; median and min-max are printed (default 50)")
     pruning.add_argument("--out", default="bench/out/pruning.json", help="where to write the JSON results")
+    pruning.add_argument("--selectors", nargs="*", default=[], choices=SELECTORS, metavar="NAME",
+                         help=f"also time these selectors side by side, interleaved ({', '.join(SELECTORS)}; none by default)")
     pruning.set_defaults(handler=run_pruning_benchmark)
 
     generate = sub.add_parser("generate", help="answer a question about an image with a local checkpoint, pruned by a Scorer")

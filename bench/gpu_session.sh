@@ -7,8 +7,8 @@
 # 2. the CUDA tests (compiled Triton kernels, the CUDA packer, host-sync tests; the runner's CUDA-graph
 #    tests first, in their own step),
 # 3. kernel timings (bench/bench_kernels.py: eager and CUDA-graph GPU timeline), packer vs copy bandwidth,
-#    the pruning module (Scorer + selection) at LLaVA-1.5's size, the runner (each stage eager vs its
-#    CUDA-graph replay, bench/bench_runner.py),
+#    the pruning module (Scorer + selection) at LLaVA-1.5's size and every selector side by side, the
+#    runner (each stage eager vs its CUDA-graph replay, bench/bench_runner.py),
 # 4. TTFT reports of the full-size presets (llava-1.5-7b, qwen2.5-vl-7b serving) and the training
 #    step's peak memory, random weights; last, the torch.compile entry of the runner benchmark (the
 #    language model compiled inside the graphs, batch 1, K = 64; minutes of compilation).
@@ -63,7 +63,7 @@ step tests-cuda 200 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider $XDIST 
 step runner 150 "$PY" bench/bench_runner.py --preset llava-1.5-7b --device cuda --dtype fp16 --keep 64 --out "$STAGE/runner-$GPU-fp16.json"
 step kernels 150 "$PY" bench/bench_kernels.py --out "$STAGE/kernels-$GPU.json"
 step packing 90 "$PY" bench/bench_packing.py --out "$STAGE/packing-$GPU.json"
-step pruning 90 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --out "$STAGE/pruning-$GPU-fp16.json"
+step pruning 150 "$PY" -m autoselect_fast pruning --device cuda --dtype fp16 --selectors scorer random norm divprune visionzip --out "$STAGE/pruning-$GPU-fp16.json"
 step report-llava-1.5-7b 200 "$PY" -m autoselect_fast bench --preset llava-1.5-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 step report-qwen2.5-vl-7b 200 "$PY" -m autoselect_fast bench --preset qwen2.5-vl-7b --device cuda --warmup 5 --repeats 10 --out-dir "$STAGE"
 # --- decode (static KV cache, one CUDA graph per batch-size bucket): tokens/s at batch 1 and 8 against

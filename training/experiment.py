@@ -1,17 +1,21 @@
 """The learning experiment: does a trained Scorer keep the tokens that carry the answer?
 
-One command (CPU, a few minutes)::
+One command (CPU; needs the ``eval`` extra, lmms-eval; see the README for its run time)::
 
     python -m autoselect_fast.training.experiment --out-dir bench/results
 
 1. Generate the synthetic "which colour?" task (``training.synthetic``: one of N = 64 tokens holds the
    answer, 12 hold achromatic distractors).
-2. Pretrain a tiny LLaVA (real transformers classes) on it with every token; freeze it.
+2. Pretrain a tiny LLaVA (real transformers classes) on it with every token; freeze it and save it as
+   a checkpoint directory with its processor.
 3. Train Scorer + Denoiser at K = N/8 with ``training.Trainer`` (VP gate, identity-mask Denoiser), and
    the paper's two ablations (scale gate ``x·α``; Denoiser with global attention).
-4. Answer held-out questions through ``AutoSelectEngine`` with hard top-K for: every token, the trained
-   Scorer, the ablations, K random tokens, and a training-free baseline (K tokens of largest feature
-   norm). Also recorded: how often the answer-carrying token is among the kept ones.
+4. Answer the held-out questions with every token, the trained Scorers and the training-free selectors
+   (``autoselect_fast.selectors``: random, norm, DivPrune, VisionZip-style), each at K = N/8:
+   through the lmms-eval model ``autoselect`` on the offline task ``autoselect_shapes`` holding exactly
+   these questions (``--through lmms-eval``, the default: the table's accuracy), and directly through
+   ``AutoSelectEngine`` (first answer token; also how often the answer-carrying token is kept, and
+   whether both paths gave the same answers). ``--through engine`` skips lmms-eval.
 5. Write ``training-experiment-<tag>.json`` and ``.png`` (accuracy per method, kept tokens drawn on a few
    held-out images).
 """
@@ -27,48 +31,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from . import synthetic as S
 from .config import TrainConfig
 from .data import SampleList
 from .trainer import Trainer, build_objective
-
-
-# --------------------------------------------------------------------------------------------------
-# Training-free scorers, run through the engine like the trained one
-# --------------------------------------------------------------------------------------------------
-class _FixedScorer(nn.Module):
-    """Base of the baselines: reads features of width ``input_dim`` and has no trained weights."""
-
-    def __init__(self, input_dim: int):
-        super().__init__()
-        self.input_dim = input_dim
-        # The engine reads the Scorer's dtype from its parameters; an empty one answers without weights.
-        self.dtype_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
-
-    def check_input_dim(self, vision_dim: int) -> None:
-        if vision_dim != self.input_dim:
-            raise ValueError(f"{type(self).__name__} reads features of width {self.input_dim}, got {vision_dim}")
-
-
-class FeatureNormScorer(_FixedScorer):
-    """Score = L2 norm of the token's pre-projector feature (a common training-free heuristic)."""
-
-    def forward(self, features: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        return features.float().norm(dim=-1)
-
-
-class RandomScorer(_FixedScorer):
-    """Independent uniform scores from a seeded generator: K random tokens per image."""
-
-    def __init__(self, input_dim: int, seed: int = 0):
-        super().__init__(input_dim)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, features: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        # flat (ΣN, d) or, from the engine's equal-size batch, (B, N, d): one score per token either way
-        return torch.rand(features.shape[:-1], generator=self.generator).to(features.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,6 +64,7 @@ class ExperimentSettings:
     scorer_layers: int = 2
     scorer_heads: int = 4
     ablations: bool = True
+    through: str = "lmms-eval"  # "lmms-eval": the table's accuracy through the lmms-eval model (needs the eval extra); "engine": directly
     backend: str = "auto"  # kernels of training (ops) and engine selection: "auto" or "reference"
     threads: Optional[int] = 1  # torch threads; 0: torch's default. README figures: 1 thread (tiny model, little to gain)
     plot: bool = True
@@ -106,15 +74,21 @@ class ExperimentSettings:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation through the engine
+# Evaluation: directly through the engine, and through the lmms-eval model on the offline task
 # --------------------------------------------------------------------------------------------------
-def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50, backend: str = "auto") -> dict:
-    """Accuracy of the first answer token through ``AutoSelectEngine`` (hard top-K), and how often the
-    token holding the answer is kept."""
+TRAINING_FREE = ("random", "norm", "divprune", "visionzip")  # selectors at K = N/8, besides the trained Scorers
+THROUGH = ("lmms-eval", "engine")
+
+
+def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50, backend: str = "auto", *,
+             selector: str = "scorer", seed: int = 0, tokenizer=None) -> dict:
+    """Accuracy of the first answer token through ``AutoSelectEngine`` (hard top-K), how often the token
+    holding the answer is kept, and each answer's first word (decoded with ``tokenizer`` when given)."""
     from ..engine import AutoSelectEngine, Request
 
-    engine = AutoSelectEngine(model, scorer, keep=keep, score_cache_size=0, selection_backend="reference" if backend == "reference" else "auto")
-    correct, target_kept, kept = 0, 0, []
+    engine = AutoSelectEngine(model, scorer, keep=keep, selector=selector, seed=seed, score_cache_size=0,
+                              selection_backend="reference" if backend == "reference" else "auto")
+    correct, target_kept, kept, words = 0, 0, [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         out = engine.prefill([Request(prompt=s.prompt_ids, pixel_values=s.sample.pixel_values) for s in chunk])
@@ -123,8 +97,42 @@ def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50,
             correct += int(p == s.answer_id)
             target_kept += int(s.target_cell in set(k.tolist()))
             kept.append(k.cpu())
+            if tokenizer is not None:
+                words.append(tokenizer.decode([p], skip_special_tokens=True).strip())
     n = len(samples)
-    return {"accuracy": correct / n, "target_kept_rate": target_kept / n, "kept_indices": kept}
+    return {"accuracy": correct / n, "target_kept_rate": target_kept / n, "kept_indices": kept, "answers": words}
+
+
+def _response(sample: dict) -> str:
+    """A sample's filtered answer: a list of one string in process (older lmms-eval: also in the logs)."""
+    r = sample["filtered_resps"]
+    return r if isinstance(r, str) else r[0]
+
+
+def evaluate_lmms(task_dir: str, model_dir: str, *, scorer_dir: Optional[str], keep: Optional[int], selector: str, seed: int,
+                  batch: int, backend: str) -> dict:
+    """Accuracy on task ``autoselect_shapes`` (in ``task_dir``) through lmms-eval's ``simple_evaluate`` with
+    ``--model autoselect`` (the entry point, as on the command line), and each answer's first word by doc."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from ..eval import MODEL_NAME
+
+    args = {"pretrained": model_dir, "selector": selector, "seed": seed, "device": "cpu", "dtype": "fp32", "batch_size": batch,
+            "selection_backend": "reference" if backend == "reference" else "auto"}
+    if keep is not None:
+        args["keep"] = keep
+    if scorer_dir is not None:
+        args["scorer"] = scorer_dir
+    t0 = time.perf_counter()
+    out = simple_evaluate(model=MODEL_NAME, model_args=",".join(f"{k}={v}" for k, v in args.items()), tasks=["autoselect_shapes"],
+                          task_manager=TaskManager("ERROR", include_path=task_dir, model_name=MODEL_NAME), log_samples=True,
+                          batch_size=batch, device="cpu", verbosity="ERROR")
+    samples = sorted(out["samples"]["autoselect_shapes"], key=lambda s: s["doc_id"])
+    from ..eval.tasks.autoselect_shapes.utils import first_word  # noqa: E402 - the task's own answer rule
+
+    return {"accuracy": out["results"]["autoselect_shapes"]["accuracy,none"], "model_args": args,
+            "answers": [first_word(_response(s)) for s in samples], "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +174,13 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     n_tokens = adapter.layout(None).num_tokens
     if settings.backend not in ("auto", "reference"):
         raise ValueError(f"backend must be 'auto' or 'reference', got {settings.backend!r}")
+    if settings.through not in THROUGH:
+        raise ValueError(f"through must be one of {list(THROUGH)}, got {settings.through!r}")
+    if settings.through == "lmms-eval":
+        try:
+            import lmms_eval  # noqa: F401
+        except ImportError:
+            raise ImportError("through='lmms-eval' needs lmms-eval: pip install \"autoselect-fast[eval]\" (or --through engine)") from None
     if not 1 <= settings.keep <= n_tokens:
         raise ValueError(f"keep must satisfy 1 <= keep <= {n_tokens} (the tiny model's N), got {settings.keep}")
     processor = adapter.default_image_processor()
@@ -192,19 +207,41 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
         log(f"  {label}: final loss {last['loss']:.4f}, α bimodality {last['alpha_bimodality']:.3f} ({seconds:.0f} s)")
     unchanged = all(torch.equal(frozen[k], v) for k, v in model.state_dict().items())
 
-    log("[4/4] answering held-out questions through AutoSelectEngine (hard top-K)")
-    d = adapter.feature_dim
-    methods: dict[str, dict] = {}
-    methods["every token"] = evaluate(model, FeatureNormScorer(d), None, test, settings.eval_batch, settings.backend)
-    for label, (scorer, last, seconds, gate, attention) in trained.items():
-        methods[label] = evaluate(model, scorer, settings.keep, test, settings.eval_batch, settings.backend)
-        methods[label].update(train_seconds=seconds, final_train_metrics=last, gate=gate, denoiser_attention=attention)
-    methods["random K"] = evaluate(model, RandomScorer(d, seed=settings.seed), settings.keep, test, settings.eval_batch, settings.backend)
-    methods["feature norm"] = evaluate(model, FeatureNormScorer(d), settings.keep, test, settings.eval_batch, settings.backend)
-    for label, m in methods.items():
-        log(f"  {label:28s} accuracy {m['accuracy']:.3f}   answer token kept {m['target_kept_rate']:.3f}")
+    through_lmms = settings.through == "lmms-eval"
+    log(f"[4/4] answering {len(test)} held-out questions" + (" through the lmms-eval model on the offline task, and" if through_lmms else "")
+        + " directly through AutoSelectEngine (hard top-K)")
+    if through_lmms:
+        from ..eval.shapes_task import write_task
 
-    full, ours, rnd = methods["every token"]["accuracy"], methods["trained"]["accuracy"], methods["random K"]["accuracy"]
+        model_dir = S.save_checkpoint(model, tokenizer, os.path.join(work_dir, "vlm"))
+        task_dir = write_task(os.path.join(work_dir, "task"), test)
+        for label, (scorer, *_rest) in trained.items():
+            scorer.save_pretrained(os.path.join(work_dir, "scorers", label.replace(":", "").replace(" ", "-")))
+    # (label, selector, Scorer or None, K)
+    plan = [("every token", "scorer", None, None)]
+    plan += [(label, "scorer", entry[0], settings.keep) for label, entry in trained.items()]
+    plan += [(name, name, None, settings.keep) for name in TRAINING_FREE]
+    methods: dict[str, dict] = {}
+    for label, selector, scorer, keep in plan:
+        m = evaluate(model, scorer, keep, test, settings.eval_batch, settings.backend, selector=selector, seed=settings.seed, tokenizer=tokenizer)
+        m["selector"] = selector
+        if label in trained:
+            _, last, seconds, gate, attention = trained[label]
+            m.update(train_seconds=seconds, final_train_metrics=last, gate=gate, denoiser_attention=attention)
+        m["engine_accuracy"] = m["accuracy"]
+        if through_lmms:
+            scorer_dir = os.path.join(work_dir, "scorers", label.replace(":", "").replace(" ", "-")) if scorer is not None else None
+            lm = evaluate_lmms(task_dir, model_dir, scorer_dir=scorer_dir, keep=keep, selector=selector, seed=settings.seed,
+                               batch=settings.eval_batch, backend=settings.backend)
+            m.update(accuracy=lm["accuracy"], lmms_eval_model_args=lm["model_args"], lmms_eval_seconds=lm["seconds"],
+                     lmms_eval_same_answers=lm["answers"] == m["answers"])
+        m.pop("answers")
+        methods[label] = m
+        log(f"  {label:28s} accuracy {m['accuracy']:.3f}" + (f" (lmms-eval; engine {m['engine_accuracy']:.3f}, same answers: "
+            f"{m['lmms_eval_same_answers']})" if through_lmms else "") + f"   answer token kept {m['target_kept_rate']:.3f}")
+
+    full, ours, rnd = methods["every token"]["accuracy"], methods["trained"]["accuracy"], methods["random"]["accuracy"]
+    best_free = max(TRAINING_FREE, key=lambda name: methods[name]["accuracy"])
     result = {
         "experiment": "training-learning",
         "environment": environment(torch.device("cpu")),
@@ -216,7 +253,11 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
         "frozen_vlm_bit_identical": unchanged,
         "methods": {k: {kk: vv for kk, vv in v.items() if kk != "kept_indices"} for k, v in methods.items()},
         "summary": {
+            "measured_through": settings.through,
             "every_token_accuracy": full, "trained_accuracy": ours, "random_accuracy": rnd,
+            "best_training_free": best_free, "best_training_free_accuracy": methods[best_free]["accuracy"],
+            "trained_above_every_training_free": all(ours > methods[name]["accuracy"] for name in TRAINING_FREE),
+            "lmms_eval_answers_equal_engine": all(m["lmms_eval_same_answers"] for m in methods.values()) if through_lmms else None,
             "trained_fraction_of_every_token": ours / full if full else None, "trained_minus_random_points": 100 * (ours - rnd),
             "goal_90_percent_of_every_token": bool(full and ours >= 0.9 * full), "goal_25_points_over_random": bool(100 * (ours - rnd) >= 25),
         },
@@ -229,21 +270,21 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     log(f"results: {json_path}")
     if settings.plot:
         png = os.path.join(settings.out_dir, f"{name}.png")
-        plot(methods, test, settings.keep, png)
+        plot(methods, test, settings.keep, png, through=settings.through)
         log(f"plot: {png}")
     if settings.work_dir is None:
         shutil.rmtree(work_dir, ignore_errors=True)
     return result
 
 
-def plot(methods: dict, test: list, keep: int, path: str, images: int = 4) -> None:
+def plot(methods: dict, test: list, keep: int, path: str, images: int = 4, through: str = "engine") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    drawn = [m for m in ("trained", "feature norm", "random K") if m in methods]
+    drawn = [m for m in ("trained", "random", "divprune", "visionzip") if m in methods]
     fig = plt.figure(figsize=(3 * images, 3.2 + 2.6 * len(drawn)))
     grid = fig.add_gridspec(1 + len(drawn), images, height_ratios=[1.4] + [1] * len(drawn))
     ax = fig.add_subplot(grid[0, :])
@@ -259,7 +300,7 @@ def plot(methods: dict, test: list, keep: int, path: str, images: int = 4) -> No
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylim(0, 110)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(f"Held-out accuracy through AutoSelectEngine, K = {keep} of {S.GRID * S.GRID} tokens")
+    ax.set_title(f"Held-out accuracy (through {through}), K = {keep} of {S.GRID * S.GRID} tokens; kept tokens below: AutoSelectEngine")
     for r, method in enumerate(drawn):
         for c in range(images):
             a = fig.add_subplot(grid[1 + r, c])

@@ -38,8 +38,12 @@ COLOURS = {
 }
 SHAPES = ("square", "plus", "diamond")
 QUESTIONS = ("what colour is the shape ?", "which colour does the shape have ?", "name the colour of the shape .")
+# A user turn's content is a string (training data) or a list of items (a multimodal processor's messages,
+# e.g. from lmms-eval): both render "USER: <image> <question> ".
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
     "{% else %}ASSISTANT: {{ m['content'] }} </s> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -105,6 +109,8 @@ class TaskSample:
     answer_id: int
     target_cell: int
     image: np.ndarray
+    question: str = ""
+    answer: str = ""
 
 
 def make_samples(count: int, seed: int, tokenizer, image_processor, *, distractors: int = 12) -> list[TaskSample]:
@@ -123,7 +129,7 @@ def make_samples(count: int, seed: int, tokenizer, image_processor, *, distracto
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         out.append(TaskSample(
             Sample(torch.tensor(ids), torch.tensor(labels), pv, None, "synthetic"),
-            torch.tensor(prompt_ids), tokenizer.convert_tokens_to_ids(colour), target, im,
+            torch.tensor(prompt_ids), tokenizer.convert_tokens_to_ids(colour), target, im, question, colour,
         ))
     return out
 
@@ -141,6 +147,19 @@ def build_tiny_llava(tokenizer, seed: int = 0):
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=GRID * GRID)
     return LlavaForConditionalGeneration(config)
+
+
+def save_checkpoint(model, tokenizer, directory: str) -> str:
+    """``model`` (the tiny LLaVA) with its processor, as a user's checkpoint directory: what
+    ``AutoSelectEngine``'s loaders and the lmms-eval model open (``pretrained=DIR``)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    model.save_pretrained(directory)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    # num_additional_image_tokens=1: CLIP's CLS token, which the "default" strategy drops
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=CELL, num_additional_image_tokens=1,
+                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+    return directory
 
 
 def _expanded(sample: Sample, image_token_id: int, num_tokens: int) -> tuple[Tensor, Tensor]:
@@ -195,4 +214,4 @@ def cell_of_token(index: int) -> tuple[int, int]:
     return divmod(int(index), GRID)
 
 
-__all__ = ["build_tokenizer", "build_tiny_llava", "make_samples", "pretrain_vlm", "TaskSample", "COLOURS", "GRID", "CELL"]
+__all__ = ["build_tokenizer", "build_tiny_llava", "make_samples", "pretrain_vlm", "save_checkpoint", "TaskSample", "COLOURS", "GRID", "CELL"]

@@ -6,7 +6,8 @@ model goes through the same stages; what differs per model is asked of its adapt
 
 1. :meth:`AutoSelectEngine.prepare` (host work): :func:`~autoselect_fast.engine.request.prepare_batch`.
 2. :meth:`AutoSelectEngine.encode_images`: pre-projector features of every image, one vision call.
-3. :meth:`AutoSelectEngine.prune`: Scorer (scores cached per image) + hard top-K selection per image.
+3. :meth:`AutoSelectEngine.prune`: the selector's scores (``autoselect_fast.selectors``: the Scorer by
+   default; cached per image) + hard top-K selection per image.
 4. :meth:`AutoSelectEngine.pack`: projector on the kept tokens only, LLaVA-NeXT newlines, text
    embeddings, position ids, one varlen batch (``autoselect_fast.packing``).
 5. :meth:`AutoSelectEngine.prefill_packed`: the language model over the packed batch with the varlen
@@ -40,6 +41,7 @@ from ..models import VLMAdapter, get_adapter
 from ..packing import PackedBatch
 from ..ragged import cu_seqlens_from_lengths, to_device
 from ..reference import POSITION_MODES, Selection
+from ..selectors import Selector, SelectorInputs, make_selector
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
 from .decode import DEFAULT_READ_EVERY, DecodeRunner, GlobalGenerator, ModelStep, StopRule, check_read_every, decode
@@ -60,6 +62,8 @@ class AutoSelectEngine:
         model: the transformers model (any device / dtype; put in eval mode by the engine).
         scorer: a :class:`autoselect_fast.modules.Scorer` reading the model's pre-projector features
             (``adapter.feature_dim`` wide; moved to the model's device, features are cast to its dtype).
+            Needed by ``selector="scorer"`` unless every token is kept (no ``keep`` / ``keep_ratio``);
+            the other selectors ignore it.
         keep: visual tokens to keep per image (K), or ``None``. LLaVA: ``keep > N`` is an error;
             Qwen2.5-VL (N follows the resolution): clipped to N.
         keep_ratio: alternatively a fraction of each image's N: ``K = max(1, round(keep_ratio * N))``.
@@ -71,6 +75,11 @@ class AutoSelectEngine:
         image_processor: processor for Pillow images; default: the model's processor class built from its config.
         tokenizer: tokenizer (or a processor with ``.tokenizer``) for string prompts.
         score_cache_size: images whose scores are kept (LRU); 0 disables the cache.
+        selector: which K tokens an image keeps (``autoselect_fast.selectors``): ``"scorer"`` (the learned
+            Scorer, default), ``"random"`` (seeded by ``seed``), ``"norm"``, ``"divprune"``, ``"visionzip"``
+            (LLaVA models: Qwen2.5-VL's vision tower has no [CLS] token), or a ``Selector`` instance.
+            Every selector keeps the same contract: K tokens per image, original order and positions.
+        seed: the ``"random"`` selector's seed.
         cuda_graphs: on CUDA, run the vision, pruning and prefill stages as CUDA graphs replayed per
             shape bucket (``engine.runner``) and decode steps as a CUDA graph per batch-size bucket
             (``engine.decode_stats``); ``False`` keeps the eager path. Ignored on a CPU.
@@ -85,7 +94,7 @@ class AutoSelectEngine:
     def __init__(
         self,
         model: nn.Module,
-        scorer: nn.Module,
+        scorer: Optional[nn.Module] = None,
         keep: Optional[int] = None,
         *,
         keep_ratio: Optional[float] = None,
@@ -95,18 +104,24 @@ class AutoSelectEngine:
         image_processor=None,
         tokenizer=None,
         score_cache_size: int = DEFAULT_SCORE_CACHE_SIZE,
+        selector: Union[str, Selector] = "scorer",
+        seed: int = 0,
         cuda_graphs: bool = True,
         runner_config: Optional[RunnerConfig] = None,
     ):
         self.adapter: VLMAdapter = get_adapter(model)
         self.model = model.eval()
-        if not callable(getattr(scorer, "check_input_dim", None)):
-            raise TypeError(f"scorer must be an autoselect_fast.modules.Scorer (with check_input_dim), got {type(scorer).__name__}")
-        scorer.check_input_dim(self.adapter.feature_dim)
-        self.device = self.adapter.device
-        self.scorer = scorer.to(self.device).eval()
         check_budget_args(keep, keep_ratio, required=False)
         self.keep, self.keep_ratio = keep, keep_ratio
+        self.device = self.adapter.device
+        if selector == "scorer" and scorer is None and keep is None and keep_ratio is None:
+            self.selector: Optional[Selector] = None  # every token is kept: nothing to choose, no Scorer needed
+        else:
+            self.selector = make_selector(selector, scorer=scorer, seed=seed)
+            self.selector.check_model(self.adapter)
+            self.selector = self.selector.to(self.device).eval()
+        self.scorer = getattr(self.selector, "scorer", None)
+        self._scorer_selects = self.selector is not None and self.selector.name == "scorer"
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         self.attention_backend = resolve_attention(attention_backend, self.device, self.adapter.language_model)
         self.selection_backend, self._select = resolve_selection_backend(selection_backend, self.device)
@@ -120,8 +135,8 @@ class AutoSelectEngine:
         self.score_cache_size = score_cache_size
         self._score_cache: LRUCache[Tensor] = LRUCache(score_cache_size)
         self._lock = threading.Lock()  # guards the score cache, its counters and the lazy image processor
-        self.scorer_calls = 0  # forward calls of the Scorer (one per batch of uncached images)
-        self.scored_images = 0  # images the Scorer has scored
+        self.scorer_calls = 0  # calls of the selector (the Scorer by default), one per batch of uncached images
+        self.scored_images = 0  # images the selector has scored
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         if runner_config is not None and not isinstance(runner_config, RunnerConfig):
@@ -159,36 +174,54 @@ class AutoSelectEngine:
 
     # -- stage 2: vision ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_images(self, pixel_values: Sequence[Tensor], image_sizes: Optional[Sequence] = None) -> list[Tensor]:
-        """Pre-projector features ``(N_i, d_v)`` per image, tokens in sequence order (one vision call)."""
+    def encode_images(self, pixel_values: Sequence[Tensor], image_sizes: Optional[Sequence] = None, *, cls_attention: bool = False):
+        """Pre-projector features ``(N_i, d_v)`` per image, tokens in sequence order (one vision call).
+
+        ``cls_attention=True``: ``(features, cls_attention)``, with per image the ``(N_i,)`` [CLS] attention
+        of the feature layer (what ``selector="visionzip"`` scores by), from the same vision call.
+        """
         if not pixel_values:
-            return []
+            return ([], []) if cls_attention else []
         if image_sizes is None:
             image_sizes = [None] * len(pixel_values)
+        if cls_attention:
+            return self.adapter.encode_with_cls_attention(pixel_values, image_sizes)
         return self.runner.encode(pixel_values, image_sizes)
 
-    # -- stage 3: Scorer + selection ---------------------------------------------------------------
+    # -- stage 3: scores + selection ---------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, features: Sequence[Tensor], keys: Optional[Sequence[Optional[Hashable]]] = None) -> list[Tensor]:
-        """Scores ``(N_i,)`` per image; images whose key is cached skip the Scorer (scores are prompt-independent)."""
+    def score(self, features: Sequence[Tensor], keys: Optional[Sequence[Optional[Hashable]]] = None, *,
+              budgets: Optional[Sequence[int]] = None, cls_attention: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+        """The selector's scores ``(N_i,)`` per image; images whose key is cached skip it (scores are
+        prompt-independent; a selector whose scores depend on K is cached per key and K).
+
+        ``budgets`` (K per image; default from ``keep`` / ``keep_ratio``) and ``cls_attention`` (per image,
+        from :meth:`encode_images` with ``cls_attention=True``) are read by the selectors that need them.
+        """
+        if self.selector is None:
+            raise ValueError("this engine has no Scorer (scorer=None, selector='scorer'): it keeps every token; give a Scorer "
+                             "or a training-free selector to prune")
         keys = [None] * len(features) if keys is None else list(keys)
         if len(keys) != len(features):
             raise ValueError(f"keys must have one entry per image ({len(features)}), got {len(keys)}")
+        if budgets is None:
+            budgets = [self.budget(f.shape[0]) for f in features]
+        if self.selector.budget_dependent:
+            keys = [None if key is None else (key, k) for key, k in zip(keys, budgets)]
         with self._score_lock():
             scores: list[Optional[Tensor]] = [None if key is None else self._score_cache.get(key) for key in keys]
         missing = [i for i, s in enumerate(scores) if s is None]
         if missing:
-            dtype = next(self.scorer.parameters()).dtype
-            flat = torch.cat([features[i] for i in missing]).to(dtype)
-            lengths = [features[i].shape[0] for i in missing]
-            if len(set(lengths)) == 1:  # equal sizes: one (B, N, d_v) batch, no offsets to read back
-                fresh = self.scorer(flat.view(len(lengths), lengths[0], flat.shape[-1])).reshape(-1).float()
-            else:
-                fresh = self.scorer(flat, to_device(cu_seqlens_from_lengths(lengths), flat.device)).float()
+            inputs = SelectorInputs(
+                features=[features[i] for i in missing], budgets=[budgets[i] for i in missing], keys=[keys[i] for i in missing],
+                cls_attention=None if cls_attention is None else [cls_attention[i] for i in missing],
+                project=self.adapter.project if self.selector.needs_projection else None,
+            )
+            fresh = self.selector(inputs)
             with self._score_lock():
                 self.scorer_calls += 1
                 self.scored_images += len(missing)
-                for i, s in zip(missing, fresh.split(lengths)):
+                for i, s in zip(missing, fresh):
                     scores[i] = s
                     if keys[i] is not None:
                         self._score_cache.put(keys[i], s)
@@ -210,14 +243,16 @@ class AutoSelectEngine:
         *,
         keys: Optional[Sequence[Optional[Hashable]]] = None,
         positions: Optional[Tensor] = None,
+        cls_attention: Optional[Sequence[Tensor]] = None,
     ) -> PruneResult:
-        """Scorer (cached per key) + hard top-K of every image, in one selection call.
+        """The selector's scores (cached per key) + hard top-K of every image, in one selection call.
 
         Args:
             features: per image ``(N_i, d_v)`` (from :meth:`encode_images`).
             budgets: K per image; default from the engine's ``keep`` / ``keep_ratio``.
             keys: score-cache key per image (``None``: not cached).
             positions: ``(ΣN,)`` or ``(3, ΣN)`` full-sequence positions of the tokens; default 0..N_i-1 per image.
+            cls_attention: per image ``(N_i,)`` [CLS] attention, for ``selector="visionzip"`` (see :meth:`encode_images`).
         """
         if not features:
             return PruneResult.empty(self.device, self.adapter.feature_dim, self.adapter.position_rows)
@@ -237,7 +272,8 @@ class AutoSelectEngine:
             everything = torch.arange(flat.shape[0], device=device)
             selection = Selection(indices=everything, features=flat, position_ids=positions, cu_seqlens=cu)
             return PruneResult(scores=torch.zeros(flat.shape[0], device=device), token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
-        captured = self.runner.select(features, budgets, positions)
+        # The learned Scorer's selection of equal-sized images runs padded / graphed in the runner.
+        captured = self.runner.select(features, budgets, positions) if self._scorer_selects and cls_attention is None else None
         if captured is not None:  # equal N and K: padded / graphed, every image scored (the score cache is not consulted)
             scores, selection = captured
             with self._score_lock():
@@ -245,7 +281,7 @@ class AutoSelectEngine:
                 self.scored_images += len(features)
             return PruneResult(scores=scores, token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
         flat = torch.cat(list(features))
-        scores = torch.cat(self.score(features, keys))
+        scores = torch.cat(self.score(features, keys, budgets=budgets, cls_attention=cls_attention))
         # Budgets go as a host list: ΣK sizes the outputs without reading the device.
         selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
                                  max_seqlen=max(f.shape[0] for f in features))
@@ -283,51 +319,74 @@ class AutoSelectEngine:
 
     # -- stage 5: LLM prefill over the packed batch ------------------------------------------------
     @torch.inference_mode()
-    def prefill_packed(self, packed: PackedBatch, cache=None) -> Tensor:
+    def prefill_packed(self, packed: PackedBatch, cache=None, *, rows: Optional[Tensor] = None) -> Tensor:
         """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
 
         ``cache`` is filled with the packed keys/values when given: a transformers ``DynamicCache``, or
         the writer of a decode cache (``kv_cache.DecodeCache.prefill_writer``); then the runner takes its
         eager path (a graph cannot write a cache it was not captured with).
+        ``rows``: packed token indices whose logits to return instead of each request's last token (eager).
         """
-        return self.runner.prefill(packed, cache)
+        return self.runner.prefill(packed, cache, rows=rows)
 
     # -- end to end --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, requests: Union[Request, Sequence[Request]], timings: bool = False) -> PrefillOutput:
+    def prefill(self, requests: Union[Request, Sequence[Request]], timings: bool = False, *,
+                tail_logits: Optional[Sequence[int]] = None) -> PrefillOutput:
         """Pruned prefill of a batch: first-token logits and kept counts.
 
         ``timings=True`` fills :attr:`PrefillOutput.timings_ms`, synchronising the device around every
         stage; by default nothing synchronises for the sake of timing and ``timings_ms`` is ``{}``.
+        ``tail_logits``: per request a count n_r >= 1; :attr:`PrefillOutput.tail_logits` then holds the
+        logits of each request's last n_r tokens (scoring a continuation: the lmms-eval model's log-likelihood).
         """
-        out, _, _ = self._prefill(requests, timings=timings)
+        out, _, _ = self._prefill(requests, timings=timings, tail_logits=tail_logits)
         return out
 
     def _prefill(self, requests, timings: bool, batch: Optional[PreparedBatch] = None,
-                 cache_for: Optional[Callable[[list[int]], Any]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+                 cache_for: Optional[Callable[[list[int]], Any]] = None,
+                 tail_logits: Optional[Sequence[int]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
         """Stages 1-5; ``cache_for(lengths)`` (called between packing and the prefill, outside the timed
         stages) gives the cache the prefill fills."""
         if not isinstance(timings, bool):
             raise TypeError(f"timings must be a bool, got {timings!r}")
         batch = self.prepare(requests) if batch is None else batch
+        if tail_logits is not None and (isinstance(tail_logits, (str, Tensor)) or not isinstance(tail_logits, Sequence)
+                                        or len(tail_logits) != batch.batch_size or not all(is_int(n) and n >= 1 for n in tail_logits)):
+            raise ValueError(f"tail_logits must give one int >= 1 per request ({batch.batch_size}), got {tail_logits!r}")
+        # The [CLS] attention is computed only when the selector reads it and some image is pruned.
+        wants_cls = (self.selector is not None and self.selector.needs_cls_attention
+                     and any(k < layout.num_tokens for k, layout in zip(batch.budgets, batch.layouts)))
         clock = Stopwatch(self.device) if timings else None
 
         def stage(name: str):
             return clock.stage(name) if clock is not None else contextlib.nullcontext()
 
         with stage("vision"):
-            features = self.encode_images(batch.pixel_values, batch.image_sizes)
+            encoded = self.encode_images(batch.pixel_values, batch.image_sizes, cls_attention=wants_cls)
+            features, cls_attention = encoded if wants_cls else (encoded, None)
         with stage("prune"):
-            pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions)
+            pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions, cls_attention=cls_attention)
         with stage("pack"):
             packed, lengths = self._pack_batch(batch, pruned)
         cache = None if cache_for is None else cache_for(lengths)
+        rows = tails = None
+        if tail_logits is not None:  # rows from the host-known lengths: no device read
+            ends = torch.tensor(lengths).cumsum(0).tolist()
+            for r, (n, length) in enumerate(zip(tail_logits, lengths)):
+                if n > length:
+                    raise ValueError(f"tail_logits[{r}] = {n}: request {r} has {length} tokens after pruning")
+            rows = torch.cat([torch.arange(e - n, e) for n, e in zip(tail_logits, ends)])
         with stage("prefill"):
-            logits = self.prefill_packed(packed, cache)
+            logits = self.prefill_packed(packed, cache, rows=rows)
+        if rows is not None:
+            tails = list(logits.split(list(tail_logits)))
+            logits = torch.stack([t[-1] for t in tails])
         timings_ms = {}
         if clock is not None:
             timings_ms = {**clock.ms, "total": sum(clock.ms.values())}
         output = prefill_output(batch, pruned, packed, lengths, logits, timings_ms)
+        output.tail_logits = tails
         return output, packed, batch
 
     @torch.inference_mode()

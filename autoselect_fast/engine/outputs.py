@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -58,6 +59,9 @@ class PrefillOutput:
             all rows for M-RoPE); decoding uses it on every row and counts up by one.
         kept_indices: per image of the batch (request after request), ascending kept token indices in ``[0, N_i)``.
         image_request: per image of the batch, the request it belongs to.
+        tail_logits: per request ``(n_r, vocab)``, the logits of its last ``n_r`` tokens (row j predicts
+            the token after the j-th of them), when :meth:`AutoSelectEngine.prefill` was asked for
+            ``tail_logits``; else ``None``.
         timings_ms: ``{}`` unless the call asked for ``timings=True``; then ``vision`` (vision tower +
             feature arrangement), ``prune`` (Scorer + selection), ``pack`` (projector on kept tokens,
             embeddings, positions, packing), ``prefill`` (LLM forward + lm_head on the last tokens),
@@ -72,6 +76,7 @@ class PrefillOutput:
     kept_indices: list[Tensor]
     image_request: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    tail_logits: Optional[list[Tensor]] = None
 
 
 @dataclass

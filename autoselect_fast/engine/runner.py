@@ -374,15 +374,16 @@ class Runner:
         return self.adapter.lm_head(hidden[0, last_token_index])
 
     @torch.inference_mode()
-    def prefill(self, packed: PackedBatch, cache=None) -> Tensor:
-        """``(B, vocab)`` last-token logits of ``packed``; ``cache`` (a ``DynamicCache``) is filled eagerly.
+    def prefill(self, packed: PackedBatch, cache=None, rows: Optional[Tensor] = None) -> Tensor:
+        """``(B, vocab)`` last-token logits of ``packed``; ``cache`` (a ``DynamicCache``) is filled eagerly;
+        ``rows``: packed token indices whose logits to return instead (eager, counted as ``rows``).
 
         Padded / graphed when the batch fits a token bucket and a request bucket and no cache is asked
         for; otherwise the eager path, counted with its reason in ``stats["prefill"]``.
         """
         install_dispatch(self.adapter.language_model.config)  # a no-op unless the model's implementation was switched since
         tokens, requests = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1
-        reason = self._unpaddable() or ("kv_cache" if cache is not None else None)
+        reason = self._unpaddable() or ("kv_cache" if cache is not None else None) or ("rows" if rows is not None else None)
         token_bucket = bucket_for(tokens, self.config.prefill_buckets)
         request_bucket = bucket_for(requests, self.config.request_buckets)
         if reason is None and token_bucket is None:
@@ -391,7 +392,7 @@ class Runner:
             reason = "too_many_requests"
         if reason is not None:
             self._count("prefill", "eager", reason)
-            return self._eager_prefill(packed, cache)
+            return self._eager_prefill(packed, cache, rows)
         with self._lock:
             self._begin()
             slot = self._prefill_slot(packed, token_bucket, request_bucket)
@@ -401,11 +402,12 @@ class Runner:
             self._end()
         return logits
 
-    def _eager_prefill(self, packed: PackedBatch, cache) -> Tensor:
+    def _eager_prefill(self, packed: PackedBatch, cache, rows: Optional[Tensor] = None) -> Tensor:
         cu = packed.cu_seqlens.to(device=self.device, dtype=torch.int32)
+        rows = packed.last_token_index if rows is None else rows
         with varlen_call(self.attention_backend):
             return self._language_model_logits(packed.embeds, packed.position_ids, cu, packed.max_seqlen,
-                                               packed.last_token_index.to(self.device), cache)
+                                               rows.to(self.device), cache)
 
     def _prefill_step(self, slot: _Slot) -> Tensor:
         s = slot.inputs

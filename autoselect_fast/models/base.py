@@ -187,6 +187,15 @@ class VLMAdapter:
         """Pre-projector features ``(N_i, d_v)`` of every image, tokens in sequence order (one vision call)."""
         raise NotImplementedError
 
+    def cls_attention_unavailable(self) -> Optional[str]:
+        """Why :meth:`encode_with_cls_attention` cannot work on this model (``None`` when it can)."""
+        return "its vision tower has no [CLS] token"
+
+    def encode_with_cls_attention(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`encode` plus, per image, the ``(N_i,)`` attention the [CLS] token pays each visual token in
+        the feature layer, summed over heads (the ``visionzip`` selector's scores); one vision call."""
+        raise ValueError(f"{type(self.model).__name__} has no [CLS] attention: {self.cls_attention_unavailable()}")
+
     def token_regions(self, image_size: tuple[int, int], image_processor) -> TokenRegions:
         """Region of the original ``(height, width)`` image behind each visual token (for ``autoselect-fast show``),
         following ``image_processor``'s resizing, cropping and tiling."""

@@ -48,6 +48,21 @@ def clip_geometry(image_size: tuple[int, int], image_processor) -> tuple[float, 
     return rh / h, rw / w, top, left
 
 
+def clip_cls_attention(layer, hidden: Tensor) -> Tensor:
+    """``(B, T)``: the attention token 0 ([CLS]) pays every token in ``layer`` (a CLIP encoder layer) given
+    the layer's input ``hidden`` ``(B, T, C)``, summed over heads. The softmax runs over all T keys (the
+    [CLS] column included), as the layer's own attention does; float32 at least (float64 stays float64)."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    b, t, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    q = attn.q_proj(x[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).to(dtype)
+    k = attn.k_proj(x).view(b, t, heads, head_dim).transpose(1, 2).to(dtype)
+    weights = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (B, heads, 1, T)
+    return weights[:, :, 0].sum(1)
+
+
 class LlavaFamilyAdapter(VLMAdapter):
     """What LLaVA-1.5 and LLaVA-NeXT share: CLIP-style features of ``vision_feature_layer``, a per-token
     ``multi_modal_projector``, 1-D positions, ``keep > N`` is an error."""
@@ -86,8 +101,15 @@ class LlavaFamilyAdapter(VLMAdapter):
     def encode(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> list[Tensor]:
         return self.image_features(self.tower_features(self.tower_input(pixel_values)), image_sizes)
 
-    def tower_features(self, pixel_values: Tensor) -> Tensor:
-        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them.
+    def encode_with_cls_attention(self, pixel_values: Sequence[Tensor], image_sizes: Sequence[Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`encode` and, per image, the ``(N_i,)`` [CLS] attention of its tokens (``visionzip``), one vision call."""
+        features, attention = self.tower_features(self.tower_input(pixel_values), cls_attention=True)
+        return self.image_features(features, image_sizes), [a[:, 0] for a in self.image_features(attention[..., None], image_sizes)]
+
+    def tower_features(self, pixel_values: Tensor, *, cls_attention: bool = False):
+        """``(tiles, P, d_v)`` features of ``config.vision_feature_layer`` as the model selects them; with
+        ``cls_attention`` also ``(tiles, P)``, the [CLS] attention of each feature token (see
+        :meth:`feature_attention_layer`), from the same vision call.
 
         Every tile is computed on its own (CLIP attends within a tile), so extra tiles in the batch
         do not change the features of the others."""
@@ -96,9 +118,41 @@ class LlavaFamilyAdapter(VLMAdapter):
         layers = self.config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
         states = [out.hidden_states[layer] for layer in layers]
-        if self.config.vision_feature_select_strategy == "default":  # drop CLS
+        drop_cls = self.config.vision_feature_select_strategy == "default"
+        if drop_cls:
             states = [s[:, 1:] for s in states]
-        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        features = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        if not cls_attention:
+            return features
+        index = self.feature_attention_layer(len(out.hidden_states) - 1)
+        attention = clip_cls_attention(self._clip_body().encoder.layers[index], out.hidden_states[index])
+        return features, attention[:, 1:] if drop_cls else attention
+
+    def cls_attention_unavailable(self) -> Optional[str]:
+        layers = self.config.vision_feature_layer
+        if not isinstance(layers, int):
+            return f"vision_feature_layer is a list of layers ({layers}), so the features come from no single attention layer"
+        if getattr(getattr(self._clip_body(), "embeddings", None), "class_embedding", None) is None:
+            return f"its vision tower ({type(self.inner.vision_tower).__name__}) has no [CLS] token"
+        return None
+
+    def _clip_body(self):
+        """The CLIP vision transformer (embeddings, encoder): the tower itself in transformers >= 5.2x, its
+        ``vision_model`` before."""
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def feature_attention_layer(self, num_layers: int) -> int:
+        """The encoder layer whose [CLS] attention scores the features (``visionzip``).
+
+        VisionZip pairs the feature layer's hidden states with the attention of the layer that computed
+        them (``attentions[-2]`` with ``hidden_states[-2]``): layer ``f - 1`` for features ``hidden_states[f]``.
+        Features taken from the embeddings (``f = 0``, e.g. a one-layer tower read at layer -2) were
+        computed by no attention layer; they get the first layer's, the attention over those very
+        tokens (a documented substitute).
+        """
+        f = self.config.vision_feature_layer % (num_layers + 1)
+        return max(f - 1, 0)
 
 
 class LlavaAdapter(LlavaFamilyAdapter):
@@ -147,9 +201,12 @@ class LlavaAdapter(LlavaFamilyAdapter):
         return torch.stack(list(pixel_values))
 
     def image_features(self, features: Tensor, image_sizes: Sequence[Optional[tuple[int, int]]]) -> list[Tensor]:
+        self._check_token_count(features)
+        return list(features.unbind(0))
+
+    def _check_token_count(self, features: Tensor) -> None:
         if features.shape[1] != self._layout.num_tokens:
             raise ValueError(f"the vision tower returned {features.shape[1]} tokens per image, expected {self._layout.num_tokens}")
-        return list(features.unbind(0))
 
     def token_regions(self, image_size: tuple[int, int], image_processor) -> TokenRegions:
         """Patch (r, c) of the processed image, mapped back through the processor's resize and crop."""

@@ -126,8 +126,12 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         tiles = [self.num_tiles(_image_size_tuple(size)) for size in image_sizes]
         if sum(tiles) != features.shape[0]:
             raise ValueError(f"the vision tower returned features of {features.shape[0]} tiles, the image sizes call for {sum(tiles)}")
+        return self._arranged(features, tiles, image_sizes)
+
+    def _arranged(self, per_tile: Tensor, tiles: list[int], image_sizes) -> list[Tensor]:
+        """``(Σtiles, P, C)`` per-tile rows -> per image ``(N_i, C)`` in the model's sequence order."""
         out = []
-        for per_image, size in zip(features.split(tiles), image_sizes):
+        for per_image, size in zip(per_tile.split(tiles), image_sizes):
             layout = self.layout(size)
             out.append(per_image.reshape(-1, per_image.shape[-1])[layout.source_index.to(per_image.device)])
         return out
