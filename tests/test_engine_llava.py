@@ -236,6 +236,23 @@ def test_second_turn_reuses_cached_scores(llava, scorer):
         hook.remove()
 
 
+def test_no_pixel_hash_without_a_score_cache(llava, scorer, monkeypatch):
+    """Hashing an image's pixels (host work, a device read for GPU pixels) happens only for the score cache:
+    with ``score_cache_size=0`` prepare computes no fingerprint and the logits are the cached engine's."""
+    from autoselect_fast.engine import request as request_module
+
+    hashed = []
+    real = request_module.image_fingerprint
+    monkeypatch.setattr(request_module, "image_fingerprint", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    requests = build_requests(PROMPTS[:2], [picture(21), picture(22)])
+    uncached = AutoSelectEngine(llava, scorer, keep=5, score_cache_size=0)
+    batch = uncached.prepare(requests)
+    assert hashed == [] and batch.image_keys == [None, None]
+    cached = AutoSelectEngine(llava, scorer, keep=5)
+    assert len(cached.prepare(requests).image_keys) == 2 and len(hashed) == 2
+    torch.testing.assert_close(uncached.prefill(requests).logits, cached.prefill(requests).logits, rtol=0, atol=0)
+
+
 def test_pixel_values_and_string_prompts(llava, scorer):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

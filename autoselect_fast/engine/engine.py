@@ -133,6 +133,8 @@ class AutoSelectEngine:
         if not is_int(score_cache_size) or score_cache_size < 0:
             raise ValueError(f"score_cache_size must be an int >= 0, got {score_cache_size!r}")
         self.score_cache_size = score_cache_size
+        # Image keys (pixel fingerprints) serve the score cache and the seeded random selector only.
+        self._needs_image_keys = score_cache_size > 0 or getattr(self.selector, "name", None) == "random"
         self._score_cache: LRUCache[Tensor] = LRUCache(score_cache_size)
         self._lock = threading.Lock()  # guards the score cache, its counters and the lazy image processor
         self.scorer_calls = 0  # calls of the selector (the Scorer by default), one per batch of uncached images
@@ -170,7 +172,8 @@ class AutoSelectEngine:
         Every request is checked (types, token ids, placeholders against images, limits) before the
         first image is processed.
         """
-        return prepare_batch(requests, self.adapter, budget=self.budget, image_processor=self._image_processor, tokenizer=self.tokenizer)
+        return prepare_batch(requests, self.adapter, budget=self.budget, image_processor=self._image_processor, tokenizer=self.tokenizer,
+                             fingerprints=self._needs_image_keys)
 
     # -- stage 2: vision ---------------------------------------------------------------------------
     @torch.inference_mode()
