@@ -39,7 +39,7 @@ def _dtype_arg(name: str) -> torch.dtype:
 
 def run_pruning_benchmark(args: argparse.Namespace) -> dict:
     from .ops import resolve_backend
-    from .report import published_pruning_inputs, pruning_calls, time_pruning_module
+    from .report import pruning_calls, published_pruning_inputs, time_pruning_module
     from .timing import environment
 
     if args.keep > args.tokens:

@@ -26,7 +26,6 @@ from .preflight import UsageError, check_budgets, meta_model, visual_tokens_of_i
 from .progress import heartbeat
 
 
-
 @dataclass
 class LocalCheckpoint:
     """A checked model directory: config, model class, processor and an adapter on a weightless skeleton."""

@@ -34,9 +34,9 @@ from ._validation import (
     check_choice,
     check_finite,
     check_k,
+    check_same_device,
     check_scores,
     check_selection_inputs,
-    check_same_device,
     check_tau,
     check_tensor,
 )

@@ -15,7 +15,7 @@ import torch
 
 from autoselect_fast import ops
 from autoselect_fast import reference as R
-from autoselect_fast.report import published_pruning_inputs, pruning_calls
+from autoselect_fast.report import pruning_calls, published_pruning_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N, D, K = 576, 1024, 64

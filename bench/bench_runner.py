@@ -33,10 +33,10 @@ import time
 import torch
 
 from autoselect_fast.engine import AutoSelectEngine, Request
-from autoselect_fast.modules import Scorer
-from autoselect_fast.models import get_adapter
-from autoselect_fast.presets import build_model, get_preset
 from autoselect_fast.engine.runner import Runner, RunnerConfig
+from autoselect_fast.models import get_adapter
+from autoselect_fast.modules import Scorer
+from autoselect_fast.presets import build_model, get_preset
 from autoselect_fast.timing import environment, measure
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def build_checkpoint(directory: str) -> str:
     import torch
+    from tiny_checkpoints import save_qwen2_5_vl
 
     from autoselect_fast.modules import Scorer, ScorerConfig
-    from tiny_checkpoints import save_qwen2_5_vl
 
     save_qwen2_5_vl(directory, min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 256, for_vllm=True,
                     text_overrides=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,

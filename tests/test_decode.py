@@ -16,19 +16,24 @@ import copy
 
 import pytest
 import torch
+from test_engine_llava import (  # noqa: F401 (llava, llava_next: fixtures)
+    IMAGE_TOKEN,
+    NEXT_IMAGES,
+    llava,
+    llava_next,
+    picture,
+    scorer,  # noqa: F401 (fixture)
+)
+from test_engine_llava import processed as llava_processed
+from test_engine_qwen import batch_requests, image_processor, processed, tiny_qwen  # noqa: F401 (processed: fixture)
 from transformers import DynamicCache
 
-from autoselect_fast.ragged import segment_bounds
 from autoselect_fast.engine import AutoSelectEngine, ImageInput, Request
 from autoselect_fast.engine.decode import BATCH_BUCKETS, batch_bucket, capacity_bucket
 from autoselect_fast.engine.request import stop_set
 from autoselect_fast.engine.sampling import request_generators, sample_next_tokens
-
-from test_engine_llava import IMAGE_TOKEN, NEXT_IMAGES, llava, llava_next, picture  # noqa: F401 (llava, llava_next: fixtures)
-from test_engine_llava import processed as llava_processed
-from test_engine_llava import scorer  # noqa: F401 (fixture)
-from test_engine_qwen import batch_requests, image_processor, processed, tiny_qwen  # noqa: F401 (processed: fixture)
 from autoselect_fast.modules import Scorer, ScorerConfig
+from autoselect_fast.ragged import segment_bounds
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 READ_EVERY = [1, 3, 8]

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from device_values import DeviceValueTracker
 from torch._dynamo.backends.registry import lookup_backend
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
@@ -24,10 +25,9 @@ from autoselect_fast import engine as engine_module
 from autoselect_fast import ops, packing
 from autoselect_fast import reference as R
 from autoselect_fast._validation import VALIDATE_ENV, resolve_validate
-from autoselect_fast.timing import Stopwatch
-from device_values import DeviceValueTracker
 from autoselect_fast.ops import selection
 from autoselect_fast.ragged import cu_seqlens_from_lengths
+from autoselect_fast.timing import Stopwatch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 HOST_READ_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero")
@@ -406,7 +406,7 @@ def test_prefill_reads_no_device_value_without_timings(monkeypatch, tiny_llava, 
 
 def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
     """Qwen2.5-VL (M-RoPE positions, the adapter's pre-merger tower): an image and a text-only request."""
-    from test_engine_qwen import image_input, image_prompt, image_processor, picture, tiny_qwen
+    from test_engine_qwen import image_input, image_processor, image_prompt, picture, tiny_qwen
 
     from autoselect_fast.modules import Scorer, ScorerConfig
 

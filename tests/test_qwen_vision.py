@@ -11,13 +11,13 @@ loop) and ``get_rope_index``. Tolerance: fp32, rtol = atol = 1e-5.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine_qwen import IMAGE, TEXT, VIDEO, VISION_END, VISION_START
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import autoselect_fast.models.qwen2_5_vl_vision as vision_module
 from autoselect_fast.attention import backend_unavailable_reason, varlen_attention
 from autoselect_fast.models import get_adapter
 from autoselect_fast.models.qwen2_5_vl_vision import PatchBucket, QwenVisionTower
-from test_engine_qwen import IMAGE, TEXT, VIDEO, VISION_END, VISION_START
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 VISION = dict(depth=3, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=64, spatial_merge_size=2,

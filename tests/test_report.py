@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from autoselect_fast import presets, report as R
+from autoselect_fast import presets
+from autoselect_fast import report as R
 from autoselect_fast.cli import main
 from autoselect_fast.engine import ImageInput, Request
 from autoselect_fast.modules import Scorer, ScorerConfig

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from autoselect_fast import preflight, presets, report as R
+from autoselect_fast import preflight, presets
+from autoselect_fast import report as R
 from autoselect_fast.cli import main
 from autoselect_fast.report import ReportSettings, run_report
 

@@ -25,7 +25,6 @@ from test_engine_qwen import image_input, image_processor, tiny_qwen
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from autoselect_fast.engine import AutoSelectEngine, Request
-from autoselect_fast.modules import Scorer, ScorerConfig
 from autoselect_fast.engine.runner import (
     DEFAULT_REQUEST_BUCKETS,
     Runner,
@@ -33,6 +32,7 @@ from autoselect_fast.engine.runner import (
     bucket_for,
     prefill_bucket_schedule,
 )
+from autoselect_fast.modules import Scorer, ScorerConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

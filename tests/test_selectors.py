@@ -13,8 +13,17 @@ import torch
 from autoselect_fast import reference
 from autoselect_fast.ragged import cu_seqlens_from_lengths
 from autoselect_fast.selectors import (
-    SELECTORS, DivPruneSelector, NormSelector, RandomSelector, SelectorInputs, VisionZipSelector, divprune_order, make_selector,
-    reference_divprune, reference_norm, reference_visionzip,
+    SELECTORS,
+    DivPruneSelector,
+    NormSelector,
+    RandomSelector,
+    SelectorInputs,
+    VisionZipSelector,
+    divprune_order,
+    make_selector,
+    reference_divprune,
+    reference_norm,
+    reference_visionzip,
 )
 
 
@@ -196,8 +205,19 @@ def test_visionzip_is_refused_where_there_is_no_cls_attention():
 # --------------------------------------------------------------------------------------------------
 sys.path.insert(0, os.path.dirname(__file__))
 from test_engine_llava import (  # noqa: E402 - the LLaVA fixtures and hand-built references
-    BASE_TOKENS, IMAGE_TOKEN, PINPOINTS, PROMPTS, TEXT, VISION, llava, model_image_features, picture, processed, pruned_sequence,
-    reference_logits, scorer,
+    BASE_TOKENS,
+    IMAGE_TOKEN,
+    PINPOINTS,
+    PROMPTS,
+    TEXT,
+    VISION,
+    llava,
+    model_image_features,
+    picture,
+    processed,
+    pruned_sequence,
+    reference_logits,
+    scorer,
 )
 
 

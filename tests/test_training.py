@@ -156,7 +156,7 @@ def assert_kernel_gradients_match_reference(loss_ker, grads_ker, loss_ref, grads
     assert scale > 0, "no gradient reached the Scorer"
     for name, g in grads_ref.items():
         assert torch.isfinite(g).all()
-        torch.testing.assert_close(grads_ker[name], g, rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_ker[name], g, rtol=1e-3, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}")
     return scale
 
 

@@ -15,14 +15,31 @@ import os
 
 import pytest
 import torch
-
-from test_engine_qwen import IM_END, IM_START, IMAGE, VISION_END, VISION_START, image_processor, picture, qwen_processor, tiny_qwen
+from test_engine_qwen import (
+    IM_END,
+    IM_START,
+    IMAGE,
+    VISION_END,
+    VISION_START,
+    image_processor,
+    picture,
+    qwen_processor,
+    tiny_qwen,
+)
 from test_training import assert_kernel_gradients_match_reference
 
 from autoselect_fast.engine import AutoSelectEngine, Request
 from autoselect_fast.models import get_adapter
 from autoselect_fast.modules import Denoiser, DenoiserConfig, Scorer, ScorerConfig
-from autoselect_fast.training import AutoSelectObjective, ConversationDataset, SampleList, TrainConfig, Trainer, build_objective, collate
+from autoselect_fast.training import (
+    AutoSelectObjective,
+    ConversationDataset,
+    SampleList,
+    TrainConfig,
+    Trainer,
+    build_objective,
+    collate,
+)
 from autoselect_fast.training.data import Sample
 from autoselect_fast.training.objective import pad_sequences
 

@@ -36,12 +36,12 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed: `bash .ci/vllm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from test_readme import VLLM as README_VLLM_SNIPPETS  # noqa: E402
+from tiny_checkpoints import save_qwen2_5_vl  # noqa: E402
 
 from autoselect_fast.modules import Scorer, ScorerConfig  # noqa: E402
 from autoselect_fast.vllm_plugin import ARCHITECTURE  # noqa: E402
 from autoselect_fast.vllm_plugin.settings import SettingError  # noqa: E402
-from test_readme import VLLM as README_VLLM_SNIPPETS  # noqa: E402
-from tiny_checkpoints import save_qwen2_5_vl  # noqa: E402
 
 GREEDY_TOKENS = 8
 LOGPROB_TOL = 1e-4

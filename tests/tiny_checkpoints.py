@@ -62,7 +62,12 @@ def save_llava(directory: str, *, image_size: int = 56, patch_size: int = 14) ->
 
 def save_llava_next(directory: str, *, tile: int = 56, patch_size: int = 14) -> str:
     """LLaVA-NeXT with tiles of ``tile`` pixels and a grid of up to 2x2 crops."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()

@@ -185,8 +185,8 @@ class AutoSelectObjective(nn.Module):
 
         embeds, positions, labels = [], [], []
         for ids, lab, vis, size in zip(batch.input_ids, batch.labels, projected, batch.image_sizes):
-            e, p, l = adapter.training_sequence(ids, lab, vis, size)
-            embeds.append(e), positions.append(p), labels.append(l)
+            e, p, lab_seq = adapter.training_sequence(ids, lab, vis, size)
+            embeds.append(e), positions.append(p), labels.append(lab_seq)
         inputs_embeds, attention_mask, position_ids, seq_labels = pad_sequences(embeds, positions, labels)
         # Token t predicts label t+1: keep only rows whose next label is a target.
         targets = seq_labels[:, 1:]
@@ -215,7 +215,7 @@ class AutoSelectObjective(nn.Module):
 def pad_sequences(embeds: list[Tensor], positions: list[Tensor], labels: list[Tensor]):
     """Right-pad per-sample sequences into one batch (``ragged.packed_to_padded``): (B, S, H) embeds,
     (B, S) attention mask, (B, S) or (3, B, S) positions, (B, S) labels (IGNORE_INDEX past each end)."""
-    lengths = [l.shape[0] for l in labels]
+    lengths = [lab.shape[0] for lab in labels]
     cu = cu_seqlens_from_lengths(lengths)
     device = embeds[0].device
     inputs_embeds = packed_to_padded(torch.cat(embeds), cu)

@@ -43,10 +43,10 @@ from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 
+from ..budget import check_budget_args
 from ..engine import AutoSelectEngine, Request
 from ..local_checkpoint import DTYPES, load_scorer, open_checkpoint
 from ..preflight import UsageError
-from ..budget import check_budget_args
 from ..reference import POSITION_MODES
 from ..selectors import SELECTORS
 

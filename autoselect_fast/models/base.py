@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ragged import to_device
 from ..placeholders import expand, image_runs, strip_runs
+from ..ragged import to_device
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class VLMAdapter:
     def image_token_id(self) -> int:
         token = getattr(self.config, "image_token_id", None)
         if token is None:  # older configs call it image_token_index
-            token = getattr(self.config, "image_token_index")
+            token = self.config.image_token_index
         return int(token)
 
     @property

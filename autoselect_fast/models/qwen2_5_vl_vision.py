@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_tensor
-from ..ragged import to_device
 from ..attention import resolve_backend, varlen_attention
+from ..ragged import to_device
 
 Grid = tuple[int, int, int]
 DEFAULT_GRID_CACHE = 512
@@ -228,7 +228,7 @@ class QwenVisionTower:
                              f"({self.merge * self.patch_size} px); the tower has no windows")
         self.window_capacity = self.window_groups**2 * self.unit  # patches of a full window
         self.full_blocks = frozenset(int(i) for i in tower.fullatt_block_indexes)
-        self._rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+        self._rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         self._grids = LRU(grid_cache_size)
         self._plans = LRU(plan_cache_size)
 

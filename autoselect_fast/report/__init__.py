@@ -24,19 +24,53 @@ Modules: ``workloads`` (requests), ``flops``, ``model_inputs`` (the unmodified m
 ``contenders``, ``pruning``, ``profile``, ``scenarios``, ``decode``, ``render``, ``settings``,
 ``run`` (:func:`run_report`).
 """
-from .contenders import BASELINE, CONTENDERS, STAGES, BenchSetup, Contender, Keep, engine_contender, peers_contender, transformers_contender, vision_tower
+from .contenders import (
+                        BASELINE,
+                        CONTENDERS,
+                        STAGES,
+                        BenchSetup,
+                        Contender,
+                        Keep,
+                        engine_contender,
+                        peers_contender,
+                        transformers_contender,
+                        vision_tower,
+)
 from .decode import Decoder, engine_decoder, run_decode, transformers_decoder
 from .flops import count_flops, flop_counter, module_flops, sdpa_flops, varlen_flops
 from .model_inputs import MODEL_INPUTS, expanded_sequences, llava_model_inputs, model_inputs, qwen2_5_vl_model_inputs
 from .profile import kernel_profile
-from .pruning import published_pruning_inputs, pruning_calls, time_pruning_module
-from .render import LEGEND, format_decode, format_markdown, format_report, format_scenario, keep_label, plot_report, report_summary, report_warnings
+from .pruning import pruning_calls, published_pruning_inputs, time_pruning_module
+from .render import (
+                        LEGEND,
+                        format_decode,
+                        format_markdown,
+                        format_report,
+                        format_scenario,
+                        keep_label,
+                        plot_report,
+                        report_summary,
+                        report_warnings,
+)
 from .run import report_stem, run_report
 from .scenarios import SUSPECT_MARGIN, Scenario, build_scenarios, pruning_module_alone, run_scenario, serving_scenario
 from .settings import DTYPES, ReportPlan, ReportSettings, SettingError
-from .workloads import (SERVING_ASPECTS, SERVING_RATIOS, SERVING_TEXT, mixed_text_lengths, request_text_tokens, request_visual_tokens,
-                        serving_image_processor, serving_image_sizes, serving_requests, serving_visual_tokens, supports_serving,
-                        synthetic_image, synthetic_prompt, synthetic_requests)
+from .workloads import (
+                        SERVING_ASPECTS,
+                        SERVING_RATIOS,
+                        SERVING_TEXT,
+                        mixed_text_lengths,
+                        request_text_tokens,
+                        request_visual_tokens,
+                        serving_image_processor,
+                        serving_image_sizes,
+                        serving_requests,
+                        serving_visual_tokens,
+                        supports_serving,
+                        synthetic_image,
+                        synthetic_prompt,
+                        synthetic_requests,
+)
 
 __all__ = [
     "BASELINE", "CONTENDERS", "DTYPES", "LEGEND", "MODEL_INPUTS", "SERVING_ASPECTS", "SERVING_RATIOS", "SERVING_TEXT", "STAGES",

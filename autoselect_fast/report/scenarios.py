@@ -24,8 +24,15 @@ from .profile import kernel_profile
 from .pruning import pruning_calls, time_pruning_module
 from .render import keep_label
 from .settings import ReportPlan, ReportSettings
-from .workloads import (SERVING_RATIOS, SERVING_TEXT, mixed_text_lengths, request_text_tokens, request_visual_tokens,
-                        serving_requests, synthetic_requests)
+from .workloads import (
+    SERVING_RATIOS,
+    SERVING_TEXT,
+    mixed_text_lengths,
+    request_text_tokens,
+    request_visual_tokens,
+    serving_requests,
+    synthetic_requests,
+)
 
 # A speedup more than this factor above the FLOP ratio is flagged: less work cannot explain it.
 SUSPECT_MARGIN = 1.05

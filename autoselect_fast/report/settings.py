@@ -17,6 +17,7 @@ from .._validation import DTYPES
 from ..presets import PRESETS, Preset
 from .workloads import SERVING_RATIOS, supports_serving
 
+
 class SettingError(ValueError):
     """A bad report setting: ``setting`` (a :class:`ReportSettings` field), the ``value`` at fault
     and what is ``allowed``."""

@@ -56,7 +56,7 @@ from . import check_vllm_version
 
 check_vllm_version(vllm.__version__)  # before importing the private classes this module subclasses
 
-from vllm.model_executor.models.qwen2_5_vl import (
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
