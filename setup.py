@@ -1,6 +1,6 @@
 """Build and install autoselect_fast.
 
-The repository layout (see DESIGN.md section 6) keeps the Triton kernels in a top-level ``kernels/``
+The repository layout (see the layout table in README.md) keeps the Triton kernels in a top-level ``kernels/``
 folder; it is installed as ``autoselect_fast.kernels`` and never as a top-level ``kernels`` module
 (transformers probes a package of that name). Likewise ``training/`` is installed as
 ``autoselect_fast.training``.
@@ -114,7 +114,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is deliberately unpinned here: CPU machines pin it through requirements.txt, GPU users
-    # keep their CUDA build (DESIGN.md section 8).
+    # keep their CUDA build (README.md, "Installing on a GPU machine").
     install_requires=["torch>=2.9", "triton>=3.4", "transformers>=5.17,<6", "safetensors", "numpy", "tqdm", "pillow"],
     extras_require={"eval": EVAL_REQUIRES},
     # the offline lmms-eval task: its YAML files, utils.py, questions and images

@@ -1,7 +1,7 @@
 """Argument checks shared by the reference path, the kernels' wrappers and the engine.
 
 Every check raises ``ValueError`` (bad value) or ``TypeError`` (bad type or dtype) with a message that
-names the argument, the value it got and what is allowed (DESIGN.md section 7). Nothing is clipped
+names the argument, the value it got and what is allowed (docs/design.md, "Conventions"). Nothing is clipped
 or reordered silently.
 
 Two kinds of checks (see README, "Kernels and dispatch"):

@@ -1,6 +1,6 @@
 """Varlen (packed, block-diagonal causal) attention and its registration in transformers.
 
-This module owns the attention the engine's packed prefill runs (DESIGN.md section 5): several
+This module owns the attention the engine's packed prefill runs (docs/design.md, "Varlen packing format"): several
 requests are concatenated into one sequence of T tokens, ``cu_seqlens`` marks where each request
 starts, and every token attends causally to the tokens of its own request only. The same op with
 ``causal=False`` is the bidirectional attention of a vision tower over packed windows or images

@@ -5,7 +5,7 @@ reads them. :class:`DecodeCache` allocates, once per batch, for every layer of t
 key and one value buffer of shape ``(batch, kv heads, capacity, head dim)``, where capacity covers the
 longest pruned prefill plus the new tokens. Row r holds request r's tokens left-aligned: columns
 ``0 .. lengths[r]-1`` are valid, the rest is never read (masked). Only the kept tokens of the prefill
-are in it (DESIGN.md section 3).
+are in it (docs/design.md, "Position ids").
 
 * **Prefill** (:meth:`DecodeCache.prefill_writer`): passed as the cache of the packed varlen prefill,
   the writer scatters each layer's packed keys/values ``(1, Hkv, T, d)`` into the buffers in one

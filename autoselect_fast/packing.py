@@ -1,4 +1,4 @@
-"""Varlen packing of a batch's text and kept visual tokens (DESIGN.md section 5).
+"""Varlen packing of a batch's text and kept visual tokens (docs/design.md, "Varlen packing format").
 
 This module owns the packing API the engine calls:
 
@@ -16,7 +16,7 @@ after ``image_insert_at[i]`` of its text tokens, in sequence order::
 
 Images sharing an insert point go in image order. Position ids are copied, never recomputed: the
 selection step emits the kept tokens' original (or compact) positions and the caller supplies the
-text's (DESIGN.md section 3).
+text's (docs/design.md, "Position ids").
 
 Synchronisation: the index tensors (offsets, image_request, image_insert_at) are read on the host
 once, in one device-to-host copy when they live on the GPU (none when they are CPU tensors, the

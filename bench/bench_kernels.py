@@ -1,5 +1,5 @@
 """Benchmarks of the Triton kernels (autoselect_fast.ops, backend "triton") against the reference path
-and plain-PyTorch baselines of the same shapes (DESIGN.md section 7: ratios, never timed assertions).
+and plain-PyTorch baselines of the same shapes (docs/design.md, "Conventions": ratios, never timed assertions).
 
     pytest bench/bench_kernels.py                  # pytest-benchmark
     python bench/bench_kernels.py [--out bench/out/kernels.json] [--rounds 20]

@@ -1,5 +1,5 @@
 """Benchmark of varlen packing: the extension (autoselect_fast._C via pack_varlen) against the
-plain PyTorch reference, on one fixed batch of 16 requests of mixed sizes (DESIGN.md section 5).
+plain PyTorch reference, on one fixed batch of 16 requests of mixed sizes (docs/design.md, "Varlen packing format").
 
     pytest bench/bench_packing.py            # pytest-benchmark; CUDA variants skip without a GPU
     python bench/bench_packing.py [--out bench/out/packing.json] [--rounds 20]
@@ -147,7 +147,7 @@ def main(argv=None):
         ratio = times["reference"] / times["extension"]
         if device == "cuda":
             # Every packed row is read once and written once: the goal compares the extension with a
-            # device-to-device copy of the same bytes (DESIGN.md: >= 85 % of copy bandwidth).
+            # device-to-device copy of the same bytes (the packer's goal in bench/README.md: >= 85 % of copy bandwidth).
             rows = torch.cat([args["text_embeds"], args["visual_embeds"]])
             copy_target = torch.empty_like(rows)
             moved = 2 * rows.numel() * rows.element_size()

@@ -1,6 +1,6 @@
 // Index arithmetic of varlen packing, shared by the CPU path (pack.cpp) and the CUDA kernel
 // (pack_kernel.cu). Everything here is plain C++ on the host and __host__ __device__ under nvcc,
-// so the CPU tests exercise exactly the logic the GPU runs (DESIGN.md section 7).
+// so the CPU tests exercise exactly the logic the GPU runs (docs/design.md, "Conventions").
 //
 // Model. Request r owns text rows [text_cu[r], text_cu[r+1]) and images [img_begin[r],
 // img_begin[r+1]) (images are sorted by request). With n images, its output is 2n+1 *segments*:

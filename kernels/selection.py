@@ -1,4 +1,4 @@
-"""Hard top-K selection for inference (DESIGN.md section 2.7 and 3): two launches, no host sync.
+"""Hard top-K selection for inference (docs/design.md, "Inference selection" and "Position ids"): two launches, no host sync.
 
 This module owns the Triton kernels that, for a ragged batch, find each image's K best tokens (ties to
 the lower index), emit their flat indices in ascending order with their position ids (``original`` or

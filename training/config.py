@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, read from a JSON file and/or command-line flags, checked up front.
 
-Defaults follow DESIGN.md section 1 (AdamW, lr 2e-4, cosine decay, τ 2.0 → 0.1 on a cosine). They
+Defaults follow docs/design.md (AdamW, lr 2e-4, cosine decay, τ 2.0 → 0.1 on a cosine). They
 are reasonable starting points, not the paper's published hyperparameters (its supplement is not
 public).
 """

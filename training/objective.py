@@ -1,6 +1,6 @@
 """The training objective of AutoSelect: one forward from pixels to the answer-token NLL.
 
-This module owns what happens inside a training step (DESIGN.md sections 2 and 10)::
+This module owns what happens inside a training step (docs/design.md, "The math")::
 
     frozen vision tower -> Scorer -> ops.soft_topk (z-score, τ) -> gate -> Denoiser
         -> frozen projector -> frozen LLM with the text -> NLL of the answer tokens only

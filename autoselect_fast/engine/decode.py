@@ -8,7 +8,7 @@ request, ``lm_head``, cache lengths and positions advanced in place) and the loo
 stop detection on the device, read-back every few steps).
 
 * **Positions** continue at each request's (largest position so far) + 1 on every M-RoPE row and
-  count up by one per step (DESIGN.md section 3; for Qwen2.5-VL this is the model's ``rope_deltas``
+  count up by one per step (docs/design.md, "Position ids"; for Qwen2.5-VL this is the model's ``rope_deltas``
   rule applied to the pruned length).
 * **CUDA graphs** (``cuda_graphs=True`` on a CUDA device): one graph per (batch-size bucket, capacity
   bucket), captured the first time it is needed (before the prefill writes the cache), replayed per

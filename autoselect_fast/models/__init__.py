@@ -1,6 +1,6 @@
 """Model integrations: what the engine (and the trainer) need to know about each supported VLM.
 
-This package owns the model-specific side of pruning (DESIGN.md sections 3 and 4): how an image is
+This package owns the model-specific side of pruning (docs/design.md, "Position ids" and "Model rules"): how an image is
 processed, how its pre-projector features are computed (the Scorer's input, tokens in sequence
 order), in which order the model lays an image's tokens out in the LLM sequence (:class:`ImageLayout`,
 including LLaVA-NeXT's ``image_newline`` tokens), how kept features are projected, and which position

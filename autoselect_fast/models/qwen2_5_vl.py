@@ -1,6 +1,6 @@
 """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): native resolution, one token per 2x2 merge group.
 
-Facts this adapter relies on (DESIGN.md section 9, transformers 5.24 ``models/qwen2_5_vl/``):
+Facts this adapter relies on (docs/design.md, "Model rules"; transformers 5.24 ``models/qwen2_5_vl/``):
 
 * The image processor emits an image as ``(t·h·w, 3·temporal_patch·patch²)`` patches plus its grid
   ``(t, h, w)`` (``image_grid_thw``); every ``merge²`` consecutive patches form one spatial-merge group,
