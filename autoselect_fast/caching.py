@@ -7,13 +7,14 @@ locked: a caller shared between threads holds its own lock around it (the engine
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from typing import Any, Generic, Hashable, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["LRUCache", "image_fingerprint"]
+__all__ = ["LRUCache", "SharedLRUCache", "image_fingerprint"]
 
 V = TypeVar("V")
 
@@ -53,6 +54,25 @@ class LRUCache(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class SharedLRUCache(LRUCache[V]):
+    """An :class:`LRUCache` for values built on a miss, shared between threads (each access is locked)."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._lock = threading.Lock()
+
+    def get_or_build(self, key: Hashable, build) -> V:
+        """The value of ``key``, built by ``build()`` on a miss (outside the lock: two threads may build
+        the same entry, both equal)."""
+        with self._lock:
+            value = self.get(key)
+        if value is None:
+            value = build()
+            with self._lock:
+                self.put(key, value)
+        return value
 
 
 def image_fingerprint(pixel_values: Tensor, *, meta: Any = None, dtype: Optional[torch.dtype] = None) -> str:

@@ -86,7 +86,7 @@ def preset_skeleton(preset):
 
 def preset_visual_tokens(preset, skeleton=None) -> int:
     """N of a report preset's benchmark image, from the preset's model skeleton."""
-    from .report import synthetic_image
+    from .report.workloads import synthetic_image
 
     adapter = skeleton if skeleton is not None else preset_skeleton(preset)
     return visual_tokens_of_image(adapter, synthetic_image(*preset.image_size, seed=0), adapter.default_image_processor())
@@ -122,7 +122,7 @@ def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype,
     adds its full-model and keep-ratio configurations over its own images. Real layers run slower than
     a bare matmul, so this is a lower bound more than an upper one.
     """
-    from .report import vision_tower
+    from .report.contenders import vision_tower
 
     adapter = skeleton if skeleton is not None else preset_skeleton(preset)
     vision_params = sum(p.numel() for p in vision_tower(adapter).parameters())
@@ -141,7 +141,7 @@ def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype,
         per_config.append(2 * (llm_params * (text + k) + vision_params * patches * tiles) * batch)
     serving = preset.serving_batch if serving_batch is None else serving_batch
     if serving:
-        from .report import SERVING_RATIOS, SERVING_TEXT, serving_visual_tokens
+        from .report.workloads import SERVING_RATIOS, SERVING_TEXT, serving_visual_tokens
 
         tokens = serving_visual_tokens(adapter, preset, serving)
         text_total = serving * sum(SERVING_TEXT) / 2

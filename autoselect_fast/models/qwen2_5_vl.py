@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
+from ..caching import SharedLRUCache
 from .base import ImageLayout, TokenRegions, VLMAdapter
-from .qwen2_5_vl_vision import LRU, QwenVisionTower
+from .qwen2_5_vl_vision import QwenVisionTower
 
 
 def _grid_tuple(image_size) -> tuple[int, int, int]:
@@ -75,7 +76,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         self.vision_hidden = int(vision.hidden_size)
         self.patch_dim = int(vision.in_channels) * self.temporal_patch_size * self.patch_size**2
         self._layouts: dict[tuple[int, int, int], ImageLayout] = {}
-        self._rope_tables = LRU(512)  # grid -> ((3, N) M-RoPE offsets of its tokens, advance after it)
+        self._rope_tables = SharedLRUCache(512)  # grid -> ((3, N) M-RoPE offsets of its tokens, advance after it)
         self._vision: QwenVisionTower | None = None  # built on first use: the tower may still be on the meta device here
 
     @property

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -47,6 +45,7 @@ from torch import Tensor, nn
 
 from .._validation import check_tensor
 from ..attention import resolve_backend, varlen_attention
+from ..caching import SharedLRUCache
 from ..ragged import to_device
 
 Grid = tuple[int, int, int]
@@ -171,31 +170,6 @@ def check_grid(grid, *, merge: int, name: str = "grid") -> Grid:
     return t, h, w
 
 
-class LRU:
-    """A bounded, thread-safe least-recently-used map."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_build(self, key, build):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = build()  # outside the lock: two threads may build the same entry, both equal
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class QwenVisionTower:
     """The pre-merger vision tower of a Qwen2.5-VL model with one varlen attention call per block.
 
@@ -229,8 +203,8 @@ class QwenVisionTower:
         self.window_capacity = self.window_groups**2 * self.unit  # patches of a full window
         self.full_blocks = frozenset(int(i) for i in tower.fullatt_block_indexes)
         self._rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        self._grids = LRU(grid_cache_size)
-        self._plans = LRU(plan_cache_size)
+        self._grids = SharedLRUCache(grid_cache_size)
+        self._plans = SharedLRUCache(plan_cache_size)
 
     # -- host metadata --------------------------------------------------------------------------
     def grid_metadata(self, grid) -> GridMetadata:
@@ -407,4 +381,4 @@ def _offsets(lengths: Sequence[int]) -> Tensor:
     return out
 
 
-__all__ = ["LRU", "GridMetadata", "PatchBucket", "QwenVisionTower", "VisionPlan", "check_grid"]
+__all__ = ["GridMetadata", "PatchBucket", "QwenVisionTower", "VisionPlan", "check_grid"]

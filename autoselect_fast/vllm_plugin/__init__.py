@@ -24,24 +24,9 @@ The plugin's counters (images selected, sent without pixels, re-encoded) are rea
 """
 from __future__ import annotations
 
-ARCHITECTURE = "AutoSelectQwen2_5_VL"
-SUPPORTED_VLLM = (">=0.32", "<0.33")
-_MODEL_CLASS = "autoselect_fast.vllm_plugin.qwen2_5_vl:AutoSelectQwen2_5_VLForConditionalGeneration"
-WORKER_EXTENSION = "autoselect_fast.vllm_plugin.WorkerExtension"  # vLLM's parallel_config.worker_extension_cls
+from .version import MODEL_CLASS, ARCHITECTURE, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
 
-
-def check_vllm_version(version: str) -> None:
-    """Raise ImportError naming the supported range when ``version`` lies outside it."""
-    parts = version.split("+")[0].split(".")
-    try:
-        major, minor = int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        raise ImportError(f"autoselect_fast: the vLLM plugin cannot read the vLLM version {version!r}") from None
-    if (major, minor) != (0, 32):
-        raise ImportError(
-            f"autoselect_fast: the vLLM plugin supports vLLM {','.join(SUPPORTED_VLLM)} (it subclasses vLLM's private "
-            f"Qwen2.5-VL classes), but vLLM {version} is installed"
-        )
+__all__ = ["ARCHITECTURE", "SUPPORTED_VLLM", "WORKER_EXTENSION", "WorkerExtension", "check_vllm_version", "register"]
 
 
 class WorkerExtension:
@@ -64,7 +49,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     try:
         from vllm.model_executor.models import config as model_config_hooks
     except ImportError:  # another vLLM version: the model module refuses it, naming the supported range

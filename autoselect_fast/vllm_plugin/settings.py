@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..budget import check_budget_args, image_budget
 from ..reference import POSITION_MODES
-from . import ARCHITECTURE, WORKER_EXTENSION, check_vllm_version
+from .version import ARCHITECTURE, WORKER_EXTENSION, check_vllm_version
 
 PREFIX = "autoselect_"  # hf_overrides keys of this plugin
 MESSAGE_PREFIX = "autoselect_fast: "  # every error of the plugin starts with it: grep a vLLM log for it
