@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import INT_DTYPES, check_choice, check_tensor
+from .validation import INT_DTYPES, check_choice, check_tensor
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 # transformers attention-implementation name of each backend.

@@ -27,8 +27,8 @@ import sys
 import torch
 
 from . import preflight
-from ._validation import DTYPES
 from .selectors import SELECTORS
+from .validation import DTYPES
 
 
 def _dtype_arg(name: str) -> torch.dtype:

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from ._validation import DTYPES
 from .engine import AutoSelectEngine, Request
 from .local_checkpoint import check_inputs
+from .validation import DTYPES
 
 
 @dataclass

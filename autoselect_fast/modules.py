@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ._validation import check_cu_seqlens, check_tensor, resolve_validate
 from .ragged import lengths_from_cu_seqlens, packed_to_padded
+from .validation import check_cu_seqlens, check_tensor, resolve_validate
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -7,7 +7,7 @@ batch out as ``(B, max N)`` rows (right- or left-aligned); :func:`padded_to_pack
 
 :func:`to_device` copies the small index tensors the host builds (budgets, offsets, positions) to the
 device without a synchronisation. This module imports nothing else from the package, so
-``_validation`` and everything above it can use it.
+``validation`` and everything above it can use it.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import ragged
-from ._validation import (
+from .validation import (
     FLOAT_DTYPES,
     IntOrTensor,
     check_choice,

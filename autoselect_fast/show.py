@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import DTYPES
 from .engine import AutoSelectEngine, Request
 from .local_checkpoint import check_inputs
+from .validation import DTYPES
 
 PANEL_SIZE = 384  # longest side of each image panel, pixels
 MARGIN = 12

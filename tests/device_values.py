@@ -5,7 +5,7 @@ copy. :class:`DeviceValueTracker` makes the difference visible again by tracking
 live on the device in a GPU run:
 
 * **device values** are the model's and the Scorer's parameters and buffers, every tensor moved with
-  ``Tensor.to(<device>)`` or ``_validation.to_device`` while tracking (the move is made to return a
+  ``Tensor.to(<device>)`` or ``validation.to_device`` while tracking (the move is made to return a
   fresh tensor, so the host original stays a host tensor), and every output of an op (a
   ``TorchDispatchMode``) that has a device value among its inputs (in-place ops mark the tensor they write);
 * a **host read** is ``item``/``tolist``/``numpy``/``cpu``/``bool``/``int``/``float`` of a device value
@@ -17,7 +17,7 @@ live on the device in a GPU run:
 
 Each read is recorded with the innermost frames of the package (or of transformers) that made it.
 Two private hooks of the package are patched, as the only places to see these events: the
-``to_device`` helper of ``autoselect_fast._validation`` (on a CPU it returns its input as is) and
+``to_device`` helper of ``autoselect_fast.validation`` (on a CPU it returns its input as is) and
 ``timing.Stopwatch._sync`` (on a CPU it does nothing, on a GPU it synchronises).
 What it cannot see: ops written in C++ outside the dispatcher (the packing extension is called with host
 index tensors by design, and its outputs are marked as device values by the caller's wrapper).
@@ -137,9 +137,9 @@ class DeviceValueTracker(TorchDispatchMode):
             return out
 
         self._stack.enter_context(_patched(torch.Tensor, "to", to))
-        from autoselect_fast import _validation
+        from autoselect_fast import validation
 
-        original_to_device = _validation.to_device
+        original_to_device = validation.to_device
 
         def to_device(host, device):
             out = original_to_device(host, device).clone()

@@ -24,10 +24,10 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from autoselect_fast import engine as engine_module
 from autoselect_fast import ops, packing
 from autoselect_fast import reference as R
-from autoselect_fast._validation import VALIDATE_ENV, resolve_validate
 from autoselect_fast.ops import selection
 from autoselect_fast.ragged import cu_seqlens_from_lengths
 from autoselect_fast.timing import Stopwatch
+from autoselect_fast.validation import VALIDATE_ENV, resolve_validate
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 HOST_READ_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero")
@@ -349,7 +349,7 @@ def test_packer_on_cuda_never_falls_back_to_the_reference(monkeypatch):
 CPU_ONLY_READS = ("autoselect_fast/attention.py", "_sdpa_segments")
 
 
-def _tracked_engine(monkeypatch, model, scorer, **kwargs):
+def tracked_engine(monkeypatch, model, scorer, **kwargs):
     """An engine, and a tracker whose device values include the packer's outputs (the C++ extension
     is called outside the dispatcher; on a GPU its outputs live on the device)."""
     tracker = DeviceValueTracker(model, scorer)
@@ -371,11 +371,11 @@ def _made_in(read, path: str, function: str) -> bool:
     return any(path in frame and f"({function})" in frame for frame in read.where)
 
 
-def _engine_reads(tracker) -> list:
+def engine_reads(tracker) -> list:
     return [r for r in tracker.reads if not _made_in(r, *CPU_ONLY_READS)]
 
 
-def _llava_requests():
+def llava_requests():
     gen = torch.Generator().manual_seed(8)
     pixels = [torch.randn(3, 28, 28, generator=gen) for _ in range(3)]
     return [
@@ -388,12 +388,12 @@ def _llava_requests():
 @pytest.mark.parametrize("keep, mode", [(5, "original"), (5, "compact"), (None, "original")], ids=["pruned", "compact", "keep_all"])
 def test_prefill_reads_no_device_value_without_timings(monkeypatch, tiny_llava, keep, mode):
     model, scorer = tiny_llava
-    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep=keep, position_mode=mode)
-    requests = _llava_requests()
+    engine, tracker = tracked_engine(monkeypatch, model, scorer, keep=keep, position_mode=mode)
+    requests = llava_requests()
     want = engine.prefill(requests)  # untracked: warm-up and the values to compare with
     with tracker:
         got = engine.prefill(requests)
-    assert [str(r) for r in _engine_reads(tracker)] == []
+    assert [str(r) for r in engine_reads(tracker)] == []
     assert tracker.syncs == [] and got.timings_ms == {}
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     assert got.kept_tokens == want.kept_tokens and got.sequence_lengths == want.sequence_lengths
@@ -413,14 +413,14 @@ def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
     model = tiny_qwen(seed=5)
     torch.manual_seed(3)
     scorer = Scorer(ScorerConfig(input_dim=4 * 32, hidden_dim=32, num_layers=1, num_heads=4)).eval()
-    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep_ratio=0.3, image_processor=image_processor())
+    engine, tracker = tracked_engine(monkeypatch, model, scorer, keep_ratio=0.3, image_processor=image_processor())
     processed = image_processor()(images=[picture(0, (220, 100))], return_tensors="pt")
     wide = {"wide": (processed["pixel_values"], processed["image_grid_thw"][0])}
     requests = [engine_module.Request(image_prompt(9, 10), images=[image_input(wide, "wide")]), engine_module.Request([240, 2, 16, 17])]
     want = engine.prefill(requests)
     with tracker:
         got = engine.prefill(requests)
-    assert [str(r) for r in _engine_reads(tracker)] == [] and tracker.syncs == []
+    assert [str(r) for r in engine_reads(tracker)] == [] and tracker.syncs == []
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     assert got.kept_tokens == want.kept_tokens and got.kept_tokens[0] < got.visual_tokens[0]
 
@@ -429,14 +429,14 @@ def test_generate_reads_only_its_new_tokens(monkeypatch, tiny_llava):
     """Besides the prefill (no read), decoding reads only in its loop, every ``read_every`` steps and
     once at the end; nothing else, and no sync without timings."""
     model, scorer = tiny_llava
-    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep=5)
-    requests = _llava_requests()
+    engine, tracker = tracked_engine(monkeypatch, model, scorer, keep=5)
+    requests = llava_requests()
     want = engine.generate(requests, max_new_tokens=3)
     with tracker:
         got = engine.generate(requests, max_new_tokens=3)
     assert got.token_ids == want.token_ids and got.prefill.timings_ms == {}
     assert tracker.syncs == []
-    reads = _engine_reads(tracker)
+    reads = engine_reads(tracker)
     assert [str(r) for r in reads if not _made_in(r, "autoselect_fast/engine/decode.py", "decode")] == []
     # The static-cache decode reads the "every request finished" flag once per ``read_every`` steps (8:
     # once here) and the tokens once at the end: at most two reads for three tokens, none per step (the

@@ -11,6 +11,10 @@ The reference is fed the noise the kernel used (``ops.vp_gate_noise`` materialis
   correlation < 0.02.
 
 block_d=8 on 20 or 33 columns makes the column loop run several times; 37 rows span three 16-row programs.
+
+Private names used here: this file is the unit test of the kernel module's private Triton kernels and
+their Philox stream arguments (``_vp_gate_fwd_kernel``, ``_vp_gate_bwd_kernel``, ``_noise_kernel``,
+``_stream_args``).
 """
 import math
 

@@ -7,6 +7,10 @@ windowed, block 1 full attention), hidden 64, 4 heads (head dim 16), 14 px patch
 Images: grids (1, 16, 24) (8x12 groups, 12 windows), (1, 8, 8) (4 windows) and (1, 20, 12) (8 windows),
 random patches. References: transformers' own tower (``model.model.visual``, sdpa: its per-window
 loop) and ``get_rope_index``. Tolerance: fp32, rtol = atol = 1e-5.
+
+Private names used here: this file is the unit test of the tower's private per-grid caches and rotary
+tables (``_rotary_tables``, ``_plans``, ``_grids``) and of the adapter's per-grid M-RoPE table
+(``_rope_table``).
 """
 import pytest
 import torch

@@ -2,6 +2,8 @@
 
 The reference is what every kernel is tested against, so here it is tested against independent
 oracles: autograd's numerical gradients, sorting, torch.topk and the defining equations.
+
+Private names used here: this file is the unit test of the reference's private Laplace CDF (``_cdf``).
 """
 import math
 

@@ -117,7 +117,7 @@ def packed_batch(engine, requests):
 
 def padded_runner(engine, **config):
     return Runner(engine.adapter, engine.attention_backend, RunnerConfig(pad_to_buckets=True, **config),
-                  scorer=engine.scorer, select=engine._select)
+                  scorer=engine.scorer, select=engine.select_fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,16 +224,16 @@ def test_padded_stages_read_no_device_value(monkeypatch):
     """tests/device_values.py's tracker over a whole engine prefill whose runner pads every stage: the padded
     copies, the padding segment and the captured-shape Scorer + selection read nothing on the host (the CPU
     attention loop's own reads of the segment bounds aside, as in tests/test_host_sync.py)."""
-    from test_host_sync import _engine_reads, _llava_requests, _tracked_engine
+    from test_host_sync import engine_reads, llava_requests, tracked_engine
 
-    engine, tracker = _tracked_engine(monkeypatch, tiny_llava(), tiny_scorer(32), keep=5, runner_config=RunnerConfig(pad_to_buckets=True))
-    requests = _llava_requests()
+    engine, tracker = tracked_engine(monkeypatch, tiny_llava(), tiny_scorer(32), keep=5, runner_config=RunnerConfig(pad_to_buckets=True))
+    requests = llava_requests()
     want = engine.prefill(requests)  # untracked: creates the static buffers
     for tensor in engine.runner.static_tensors():  # on a GPU they live on the device
         tracker.mark(tensor)
     with tracker:
         got = engine.prefill(requests)
-    assert [str(r) for r in _engine_reads(tracker)] == [] and tracker.syncs == []
+    assert [str(r) for r in engine_reads(tracker)] == [] and tracker.syncs == []
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     assert {stage: s["padded"] for stage, s in engine.runner.stats_dict().items()} == {"prefill": 2, "vision": 2, "prune": 2}
 
@@ -447,7 +447,7 @@ def cuda_engine(build, scorer_dim, **kwargs):
 
 
 def graph_runner(engine, **config):
-    return Runner(engine.adapter, engine.attention_backend, RunnerConfig(**config), scorer=engine.scorer, select=engine._select)
+    return Runner(engine.adapter, engine.attention_backend, RunnerConfig(**config), scorer=engine.scorer, select=engine.select_fn)
 
 
 @requires_cuda

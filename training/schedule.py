@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .._validation import check_tau
+from ..validation import check_tau
 
 
 def tau_schedule(step: int, total_steps: int, tau_start: float = 2.0, tau_end: float = 0.1) -> float:

@@ -13,10 +13,10 @@ from typing import Callable, TypeVar
 import torch
 
 from .. import reference
-from .._validation import check_choice
 from ..attention import ATTENTION_BACKENDS, install_dispatch, resolve_backend
 from ..packing import PackedBatch
 from ..reference import Selection
+from ..validation import check_choice
 
 SELECTION_BACKENDS = ("auto", "ops", "reference")
 SelectFn = Callable[..., Selection]

@@ -42,10 +42,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import is_int
 from ..attention import attention_call, install_dispatch
 from ..kv_cache import DecodeCache, decode_attention
 from ..ragged import to_device
+from ..validation import is_int
 
 __all__ = ["BATCH_BUCKETS", "MIN_GRAPH_CAPACITY", "DEFAULT_READ_EVERY", "DecodeStats", "DecodeState", "DecodeRunner",
            "ModelStep", "StopRule", "GlobalGenerator", "decode", "batch_bucket", "capacity_bucket", "check_read_every"]

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .._validation import check_choice, is_int
 from ..budget import check_budget_args, image_budget
 from ..caching import LRUCache
 from ..models import VLMAdapter, get_adapter
@@ -43,6 +42,7 @@ from ..ragged import cu_seqlens_from_lengths, to_device
 from ..reference import POSITION_MODES, Selection
 from ..selectors import Selector, SelectorInputs, make_selector
 from ..timing import Stopwatch
+from ..validation import check_choice, is_int
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
 from .decode import DEFAULT_READ_EVERY, DecodeRunner, GlobalGenerator, ModelStep, StopRule, check_read_every, decode
 from .outputs import GenerateOutput, PrefillOutput, PruneResult, prefill_output
@@ -124,9 +124,9 @@ class AutoSelectEngine:
         self._scorer_selects = self.selector is not None and self.selector.name == "scorer"
         self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
         self.attention_backend = resolve_attention(attention_backend, self.device, self.adapter.language_model)
-        self.selection_backend, self._select = resolve_selection_backend(selection_backend, self.device)
+        self.selection_backend, self.select_fn = resolve_selection_backend(selection_backend, self.device)
         if self.selection_backend == "ops" and os.environ.get("TRITON_INTERPRET") == "1":
-            self._select = one_at_a_time(self._select)
+            self.select_fn = one_at_a_time(self.select_fn)
         self.packer_backend, self._pack = resolve_packer(self.device)
         self.image_processor = image_processor
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
@@ -146,7 +146,7 @@ class AutoSelectEngine:
         runner_config = RunnerConfig(cuda_graphs=cuda_graphs) if runner_config is None else runner_config
         if not cuda_graphs:
             runner_config = dataclasses.replace(runner_config, cuda_graphs=False)
-        self.runner = Runner(self.adapter, self.attention_backend, runner_config, scorer=self.scorer, select=self._select)
+        self.runner = Runner(self.adapter, self.attention_backend, runner_config, scorer=self.scorer, select=self.select_fn)
         adapter = self.adapter
         self.decoder = DecodeRunner(ModelStep(adapter.language_model, adapter.embed_tokens, adapter.lm_head, self.runner.cache_kwarg), cuda_graphs=cuda_graphs)
 
@@ -286,7 +286,7 @@ class AutoSelectEngine:
         flat = torch.cat(list(features))
         scores = torch.cat(self.score(features, keys, budgets=budgets, cls_attention=cls_attention))
         # Budgets go as a host list: ΣK sizes the outputs without reading the device.
-        selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
+        selection = self.select_fn(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
                                  max_seqlen=max(f.shape[0] for f in features))
         return PruneResult(scores=scores, token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
 

@@ -18,11 +18,11 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .._validation import is_int
 from ..caching import image_fingerprint
 from ..models import ImageLayout, VLMAdapter
 from ..placeholders import expand, image_runs, strip_runs, text_columns
 from ..ragged import cu_seqlens_from_lengths, segment_bounds, to_device
+from ..validation import is_int
 
 Prompt = Union[str, Sequence[int], Tensor]
 

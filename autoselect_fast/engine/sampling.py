@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._validation import is_int
+from ..validation import is_int
 
 __all__ = ["filter_logits", "sample_next_tokens", "check_sampling", "request_generators"]
 

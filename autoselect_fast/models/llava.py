@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._validation import FLOAT_DTYPES, check_tensor
+from ..validation import FLOAT_DTYPES, check_tensor
 from .base import ImageLayout, TokenRegions, VLMAdapter
 
 

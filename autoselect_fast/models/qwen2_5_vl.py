@@ -38,8 +38,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .._validation import FLOAT_DTYPES, check_tensor
 from ..caching import SharedLRUCache
+from ..validation import FLOAT_DTYPES, check_tensor
 from .base import ImageLayout, TokenRegions, VLMAdapter
 from .qwen2_5_vl_vision import QwenVisionTower
 

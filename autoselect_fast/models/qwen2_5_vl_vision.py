@@ -43,10 +43,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_tensor
 from ..attention import resolve_backend, varlen_attention
 from ..caching import SharedLRUCache
 from ..ragged import to_device
+from ..validation import check_tensor
 
 Grid = tuple[int, int, int]
 DEFAULT_GRID_CACHE = 512

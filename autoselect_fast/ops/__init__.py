@@ -12,13 +12,13 @@ shadow them as attributes of this package):
 
 (op ``name`` is ``torch.ops.autoselect_fast.name``.)
 
-Every function checks its arguments with ``_validation`` (clear ``ValueError``/``TypeError``), then runs
+Every function checks its arguments with ``validation`` (clear ``ValueError``/``TypeError``), then runs
 the Triton kernels of ``autoselect_fast.kernels`` or the float64 ``autoselect_fast.reference``
 (``backend="auto"``: see ``dispatch``).
 
 Host synchronisation (README, "Kernels and dispatch"): shape/dtype/device checks always run; checks
 that read tensor values run only with ``validate=True`` (default: see
-``_validation.resolve_validate``: on for CPU tensors, off for CUDA tensors, off under
+``validation.resolve_validate``: on for CPU tensors, off for CUDA tensors, off under
 ``torch.compile``, ``AUTOSELECT_FAST_VALIDATE`` overrides). Output sizes come from the host: ``select``
 takes ΣK from ``k`` given as an int or a list of ints, or from ``total_k=``; only a budget *tensor*
 without ``total_k`` costs one host read. With ``validate=False`` and host budgets the Triton path makes

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import check_choice
+from ..validation import check_choice
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_MODULES = ("selection", "soft_topk", "vp_gate")

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validation import FLOAT_DTYPES, check_alpha_values, check_same_device, check_tensor, resolve_validate
 from ..reference import VP_GATE_CLAMP_EPS
+from ..validation import FLOAT_DTYPES, check_alpha_values, check_same_device, check_tensor, resolve_validate
 from .dispatch import check_contiguous, kernel_module, resolve_backend, tile_options
 
 _MAX_SEED = 2**63 - 1
@@ -120,7 +120,7 @@ def vp_gate(
             so runs are reproducible under ``torch.manual_seed`` and no GPU value is read.
         offset: first Philox counter, ``0 <= offset <= 2**32 - x.numel()``.
         clamp_eps: α is clamped to [eps, 1-eps] inside the derivative w.r.t. α only.
-        validate: check that α is finite and in [0, 1] (reads α); ``None``: ``_validation.resolve_validate``.
+        validate: check that α is finite and in [0, 1] (reads α); ``None``: ``validation.resolve_validate``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``. The reference backend replays the same
             stream on the host (``kernels.philox.philox_randn``, NumPy) and feeds it to
             ``reference.vp_gate``, so it is deterministic in (seed, offset) and agrees with the kernels

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validation import (
+from ..reference import POSITION_MODES, Selection
+from ..validation import (
     FLOAT_DTYPES,
     IntOrTensor,
     budget_tensors,
@@ -26,7 +27,6 @@ from .._validation import (
     check_tensor,
     resolve_validate,
 )
-from ..reference import POSITION_MODES, Selection
 from .dispatch import check_contiguous, check_max_seqlen, kernel_module, plain_eager_call, resolve_backend, tile_options
 
 
@@ -145,7 +145,7 @@ def select(
             on-chip blocks from it (without it ΣN bounds the longest image, which can pick the slower
             looped kernels for a batch of many small images).
         validate: run the checks that read tensor values (finite scores, ``cu_seqlens``, k <= N,
-            total_k); ``None``: ``_validation.resolve_validate``. Shapes/dtypes/devices are always checked.
+            total_k); ``None``: ``validation.resolve_validate``. Shapes/dtypes/devices are always checked.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (the reference always validates).
         block_n, block_d: Triton tile sizes (powers of two; tokens per block, feature columns per program).
     Returns:

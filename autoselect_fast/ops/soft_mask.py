@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validation import (
+from ..reference import NORM_EPS, SOFT_TOPK_FUNCTIONS
+from ..validation import (
     FLOAT_DTYPES,
     IntOrTensor,
     budget_tensors,
@@ -25,7 +26,6 @@ from .._validation import (
     check_tensor,
     resolve_validate,
 )
-from ..reference import NORM_EPS, SOFT_TOPK_FUNCTIONS
 from .dispatch import check_contiguous, check_max_seqlen, kernel_module, resolve_backend, tile_options
 
 # Per-image statistics the forward saves for its backward: kernels/soft_topk.py's STATS (mean, rstd and

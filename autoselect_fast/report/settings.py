@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .._validation import DTYPES
 from ..presets import PRESETS, Preset
+from ..validation import DTYPES
 from .workloads import SERVING_RATIOS, supports_serving
 
 

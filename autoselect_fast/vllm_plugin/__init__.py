@@ -24,7 +24,7 @@ The plugin's counters (images selected, sent without pixels, re-encoded) are rea
 """
 from __future__ import annotations
 
-from .version import MODEL_CLASS, ARCHITECTURE, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
+from .version import ARCHITECTURE, MODEL_CLASS, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
 
 __all__ = ["ARCHITECTURE", "SUPPORTED_VLLM", "WORKER_EXTENSION", "WorkerExtension", "check_vllm_version", "register"]
 
