@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .validation import is_int, is_number
+
 
 def check_budget_args(keep: Optional[int], keep_ratio: Optional[float], *, required: bool) -> None:
     """``keep`` (K per image, an int >= 1) or ``keep_ratio`` (a fraction of N in (0, 1]), never both;
@@ -16,10 +18,10 @@ def check_budget_args(keep: Optional[int], keep_ratio: Optional[float], *, requi
         raise ValueError(f"give exactly one of keep (K per image) and keep_ratio, got keep={keep!r}, keep_ratio={keep_ratio!r}")
     if keep is not None and keep_ratio is not None:
         raise ValueError(f"give keep or keep_ratio, not both (got keep={keep!r}, keep_ratio={keep_ratio!r})")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+    if keep is not None and (not is_int(keep) or keep < 1):
         neither = "" if required else " (or None to keep every token)"
         raise ValueError(f"keep must be an int >= 1{neither}, got {keep!r}")
-    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1):
+    if keep_ratio is not None and (not is_number(keep_ratio) or not 0 < keep_ratio <= 1):
         raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
 
 

@@ -14,6 +14,8 @@ from typing import Any, Generic, Hashable, Optional, TypeVar
 import torch
 from torch import Tensor
 
+from .validation import is_int
+
 __all__ = ["LRUCache", "SharedLRUCache", "image_fingerprint"]
 
 V = TypeVar("V")
@@ -23,7 +25,7 @@ class LRUCache(Generic[V]):
     """At most ``capacity`` entries; storing beyond it drops the least recently used (0: stores nothing)."""
 
     def __init__(self, capacity: int):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        if not is_int(capacity) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, V] = OrderedDict()

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .ragged import to_device
+from .validation import is_int
 
 
 def text_config_shapes(config) -> tuple[int, int, int]:
@@ -69,7 +70,7 @@ class DecodeCache:
                  dtype: torch.dtype, device: torch.device):
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("capacity", capacity)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.device = torch.device(device)
         self.batch_size, self.capacity = batch_size, capacity

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ragged import cu_seqlens_from_lengths
+from .validation import is_int
 
 SELECTORS = ("scorer", "random", "norm", "divprune", "visionzip")
 
@@ -137,7 +138,7 @@ class RandomSelector(Selector):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self._unkeyed = torch.Generator().manual_seed(seed)

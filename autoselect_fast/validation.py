@@ -128,12 +128,12 @@ def host_budgets(k, num_segments: int, *, name: str = "k") -> Optional[list[int]
     if isinstance(k, Tensor):
         return None
     if isinstance(k, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in k):
+        if not all(is_int(v) for v in k):
             raise TypeError(f"{name} must be an int, a list of ints or an integer tensor of shape (B,), got a {type(k).__name__} holding {sorted({type(v).__name__ for v in k})}")
         if len(k) != num_segments:
             raise ValueError(f"{name} must have shape ({num_segments},) (one budget per segment), got ({len(k)},)")
         values = list(k)
-    elif isinstance(k, int) and not isinstance(k, bool):
+    elif is_int(k):
         values = [k] * num_segments
     else:
         raise TypeError(f"{name} must be an int, a list of ints or an integer tensor of shape (B,), got {type(k).__name__}")
@@ -200,7 +200,7 @@ def check_k(
 
 
 def check_tau(tau: float) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+    if not is_number(tau):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
     if not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
@@ -250,3 +250,8 @@ def check_selection_inputs(scores: Tensor, features: Tensor | None, positions: T
 def is_int(value) -> bool:
     """True for a Python int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """True for a Python int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from ..validation import is_int, is_number
 from .objective import DENOISER_ATTENTION, GATES
 
 KERNEL_BACKENDS = ("auto", "triton", "reference")
@@ -65,12 +66,12 @@ class TrainConfig:
         """Raise ValueError naming the first bad setting; returns self."""
         def need_int(name, low):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if not is_int(v) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
 
         def need_float(name, low, high, *, low_open=False):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ((low < v) if low_open else (low <= v)) or v > high:
+            if not is_number(v) or not ((low < v) if low_open else (low <= v)) or v > high:
                 raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {v!r}")
 
         if (self.keep is None) == (self.keep_ratio is None):

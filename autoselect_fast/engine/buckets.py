@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..validation import is_int
+
 DEFAULT_LARGEST_PREFILL_BUCKET = 4096
 #: Requests per prefill graph (the padding segment comes on top). Each bucket is a graph per token
 #: bucket; a coarse ×4 ladder keeps the graph count down, and empty segments cost varlen attention only
@@ -36,7 +38,7 @@ def prefill_bucket_schedule(largest: int = DEFAULT_LARGEST_PREFILL_BUCKET) -> tu
     per request; SGLang's prefill ladders are coarser still. ``largest`` is the last bucket
     (appended when the ladder does not land on it); a batch above it runs eagerly.
     """
-    if isinstance(largest, bool) or not isinstance(largest, int) or largest < 1:
+    if not is_int(largest) or largest < 1:
         raise ValueError(f"largest must be an int >= 1 (packed tokens), got {largest!r}")
     buckets, size = [], 0
     while size < largest:
@@ -54,7 +56,7 @@ def bucket_for(size: int, buckets: Sequence[int]) -> Optional[int]:
 def _check_ladder(name: str, value) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{name} must be a non-empty list of increasing ints >= 1, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value) or any(a >= b for a, b in zip(value[:-1], value[1:])):
+    if not all(is_int(v) and v >= 1 for v in value) or any(a >= b for a, b in zip(value[:-1], value[1:])):
         raise ValueError(f"{name} must be a non-empty list of increasing ints >= 1, got {list(value)!r}")
     return tuple(value)
 
@@ -104,7 +106,7 @@ class RunnerConfig:
         self.vision_buckets = _check_ladder("vision_buckets", self.vision_buckets)
         for name, low in (("max_graphs", 0), ("warmup_calls", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(self.compile_options, dict):
             raise TypeError(f"compile_options must be a dict of torch.compile keyword arguments, got {type(self.compile_options).__name__}")

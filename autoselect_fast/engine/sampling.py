@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..validation import is_int
+from ..validation import is_int, is_number
 
 __all__ = ["filter_logits", "sample_next_tokens", "check_sampling", "request_generators"]
 
@@ -46,11 +46,11 @@ def sample_next_tokens(logits: Tensor, *, do_sample: bool, temperature: float = 
 def check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if not is_number(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")

@@ -49,6 +49,7 @@ from ..local_checkpoint import DTYPES, load_scorer, open_checkpoint
 from ..preflight import UsageError
 from ..reference import POSITION_MODES
 from ..selectors import SELECTORS
+from ..validation import is_int
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -77,7 +78,7 @@ def _resolve_pretrained(pretrained: str) -> str:
 def _int_arg(name: str, value, lowest: int) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+    if not is_int(value) or value < lowest:
         raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
     return value
 
@@ -108,7 +109,7 @@ class _AutoSelectLMM(lmms):
         # Every argument is checked before any weight is read.
         if keep is not None:
             keep = _int_arg("keep", keep, 1)
-        if isinstance(keep_ratio, int) and not isinstance(keep_ratio, bool):
+        if is_int(keep_ratio):
             keep_ratio = float(keep_ratio)
         check_budget_args(keep, keep_ratio, required=False)
         if selector not in SELECTORS:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..caching import SharedLRUCache
-from ..validation import FLOAT_DTYPES, check_tensor
+from ..validation import FLOAT_DTYPES, check_tensor, is_int
 from .base import ImageLayout, TokenRegions, VLMAdapter
 from .qwen2_5_vl_vision import QwenVisionTower
 
@@ -49,7 +49,7 @@ def _grid_tuple(image_size) -> tuple[int, int, int]:
         image_size = image_size.tolist()
     if isinstance(image_size, (list, tuple)) and len(image_size) == 1:  # (1, 3), as the processor returns it
         image_size = image_size[0]
-    if not isinstance(image_size, (list, tuple)) or len(image_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size):
+    if not isinstance(image_size, (list, tuple)) or len(image_size) != 3 or not all(is_int(v) and v > 0 for v in image_size):
         raise ValueError(f"image_sizes of a Qwen2.5-VL image must be its image_grid_thw (t, h, w) as three positive ints, got {image_size!r}")
     return int(image_size[0]), int(image_size[1]), int(image_size[2])
 

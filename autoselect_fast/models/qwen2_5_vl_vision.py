@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..attention import resolve_backend, varlen_attention
 from ..caching import SharedLRUCache
 from ..ragged import to_device
-from ..validation import check_tensor
+from ..validation import check_tensor, is_int
 
 Grid = tuple[int, int, int]
 DEFAULT_GRID_CACHE = 512
@@ -70,7 +70,7 @@ class PatchBucket:
     def __post_init__(self):
         for name in ("patches", "window_segments", "full_segments"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"PatchBucket.{name} must be an int >= 1, got {value!r}")
 
 
@@ -162,7 +162,7 @@ def check_grid(grid, *, merge: int, name: str = "grid") -> Grid:
     if isinstance(grid, Tensor):
         grid = grid.tolist()
     if (not isinstance(grid, (list, tuple)) or len(grid) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+            or not all(is_int(v) and v > 0 for v in grid)):
         raise ValueError(f"{name} must be an image grid (t, h, w) of three positive ints, got {grid!r}")
     t, h, w = (int(v) for v in grid)
     if h % merge or w % merge:
@@ -182,7 +182,7 @@ class QwenVisionTower:
     def __init__(self, tower: nn.Module, *, backend: str = "auto", grid_cache_size: int = DEFAULT_GRID_CACHE,
                  plan_cache_size: int = DEFAULT_PLAN_CACHE):
         for name, value in (("grid_cache_size", grid_cache_size), ("plan_cache_size", plan_cache_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.tower = tower
         self.backend = backend
@@ -250,7 +250,7 @@ class QwenVisionTower:
         group); full-attention segments <= frames + padding chunks. Pass a :class:`PatchBucket` of your own
         for tighter segment counts (each empty segment is a few idle thread blocks of the kernel)."""
         for name, value in (("patches", patches), ("frames", frames)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "patches" else 0):
+            if not is_int(value) or value < (1 if name == "patches" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'patches' else 0}, got {value!r}")
         rows = -(-patches // self.unit) * self.unit
         return PatchBucket(rows, rows // self.unit, frames + len(self.padding_lengths(rows)))

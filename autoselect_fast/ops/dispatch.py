@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..validation import check_choice
+from ..validation import check_choice, is_int
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_MODULES = ("selection", "soft_topk", "vp_gate")
@@ -114,7 +114,7 @@ def plain_eager_call(*tensors: Optional[Tensor]) -> bool:
 def _check_block(name: str, value: Optional[int]) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+    if not is_int(value) or value < 1 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 1 (or None for the default), got {value!r}")
 
 
@@ -141,7 +141,7 @@ def check_max_seqlen(max_seqlen: Optional[int], single_image: Optional[int], cu:
     Its value against ``cu_seqlens`` is checked only in ``validate`` mode (that reads the device)."""
     if max_seqlen is None:
         return single_image
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if not is_int(max_seqlen) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be an int >= 1 (the longest image's token count) or None, got {max_seqlen!r}")
     if validate and cu.numel() > 1:
         longest = int((cu[1:] - cu[:-1]).max())

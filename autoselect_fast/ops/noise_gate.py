@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import VP_GATE_CLAMP_EPS
-from ..validation import FLOAT_DTYPES, check_alpha_values, check_same_device, check_tensor, resolve_validate
+from ..validation import FLOAT_DTYPES, check_alpha_values, check_same_device, check_tensor, is_int, resolve_validate
 from .dispatch import check_contiguous, kernel_module, resolve_backend, tile_options
 
 _MAX_SEED = 2**63 - 1
@@ -81,7 +81,7 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
 
 def _check_seed_offset(seed: int, offset: int, numel: int) -> None:
     for name, value in (("seed", seed), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed must satisfy 0 <= seed < 2**63, got {seed}")

@@ -25,6 +25,7 @@ from ..validation import (
     check_scores,
     check_selection_inputs,
     check_tensor,
+    is_int,
     resolve_validate,
 )
 from .dispatch import check_contiguous, check_max_seqlen, kernel_module, plain_eager_call, resolve_backend, tile_options
@@ -101,7 +102,7 @@ def _total_k(k: IntOrTensor, k_t: Tensor, total_k: Optional[int], num_segments: 
     if total_k is None:
         # The only host read left in select: the caller gave budgets on the device and not their sum.
         return known if known is not None else int(k_t.sum())
-    if isinstance(total_k, bool) or not isinstance(total_k, int) or total_k < 0:
+    if not is_int(total_k) or total_k < 0:
         raise ValueError(f"total_k must be an int >= 0 (the sum of the budgets) or None, got {total_k!r}")
     if known is not None and known != total_k:
         raise ValueError(f"total_k must equal the sum of k ({known}), got {total_k}")

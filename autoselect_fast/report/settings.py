@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..presets import PRESETS, Preset
-from ..validation import DTYPES
+from ..validation import DTYPES, is_int, is_number
 from .workloads import SERVING_RATIOS, supports_serving
 
 
@@ -68,22 +68,22 @@ class ReportSettings:
         for name, value, lowest in (("batch", self.batch, 1), ("repeats", self.repeats, 1), ("warmup", self.warmup, 0),
                                     ("mixed_batch", mixed_batch, 0), ("serving_batch", serving_batch, 0),
                                     ("decode_tokens", self.decode_tokens, 2)):
-            if not _is_int(value) or value < lowest:
+            if not is_int(value) or value < lowest:
                 raise SettingError(name, value, f"allowed: an int >= {lowest}")
         if serving_batch and not supports_serving(preset):
             raise SettingError("serving_batch", serving_batch, f"preset {preset.name!r} has fixed-size images; the serving scenario "
                                "needs a native-resolution model (a Qwen2.5-VL preset), or 0 to skip it")
         for r in self.serving_ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            if not is_number(r) or not 0 < r < 1:
                 raise SettingError("serving_ratios", r, "allowed: keep ratios r with 0 < r < 1")
         low, high = self.mixed_text
-        if not (_is_int(low) and _is_int(high) and 2 <= low <= high):
+        if not (is_int(low) and is_int(high) and 2 <= low <= high):
             raise SettingError("mixed_text", tuple(self.mixed_text), "allowed: (low, high) text tokens per prompt with 2 <= low <= high")
         for b in self.decode_batches:
-            if not _is_int(b) or b < 1:
+            if not is_int(b) or b < 1:
                 raise SettingError("decode_batches", b, "allowed: batch sizes >= 1")
         for k in self.keeps:
-            if not _is_int(k) or k < 1:
+            if not is_int(k) or k < 1:
                 raise SettingError("keeps", k, "allowed: ints K >= 1")
         skeleton = skeleton if skeleton is not None else preflight.preset_skeleton(preset)
         n = preflight.preset_visual_tokens(preset, skeleton)
@@ -113,5 +113,3 @@ class ReportPlan:
     skeleton: Any  # the preset's adapter on the meta device (shapes only)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
