@@ -297,8 +297,8 @@ def _make_attention_function(backend: str):
             )
         if query.shape[0] != 1:
             raise ValueError(f"attention implementation {name!r} expects one packed sequence (batch 1), got query of shape {tuple(query.shape)}")
-        if attention_mask is not None:
-            raise ValueError(f"attention implementation {name!r} takes no attention_mask (segments come from cu_seq_lens), call the model with attention_mask=None")
+        if attention_mask is not None and attention_mask is not PACKED_NO_MASK:
+            raise ValueError(f"attention implementation {name!r} takes no attention_mask (segments come from cu_seq_lens), call the model with attention_mask=None or PACKED_NO_MASK")
         if dropout:
             raise ValueError(f"attention implementation {name!r} is for inference and has no dropout, got dropout={dropout}")
         if kwargs.get("softcap") is not None:
@@ -333,6 +333,10 @@ _ATTENTION_FUNCTIONS = {backend: _make_attention_function(backend) for backend i
 # Per-call dispatch: varlen inside varlen_call(), the model's own implementation otherwise
 # --------------------------------------------------------------------------------------------------
 DISPATCH_PREFIX = "autoselect_dispatch|"
+#: The ``attention_mask`` a packed varlen call passes to the language model: transformers returns a
+#: 4-D mask as it is, so its mask creation never runs, in particular not its packed-sequence detection,
+#: which reads the position ids on the host (a device sync). The varlen functions read it as "no mask".
+PACKED_NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
 _CALL_ATTENTION: ContextVar[Optional[Callable]] = ContextVar("autoselect_call_attention", default=None)
 _DISPATCH_LOCK = threading.Lock()
 

@@ -112,3 +112,35 @@ def test_engine_follows_a_later_switch_of_the_models_implementation(scorer, proc
     # A second engine on the same model shares the dispatcher.
     other = AutoSelectEngine(model, scorer, keep=4, image_processor=engine.image_processor)
     torch.testing.assert_close(other.prefill(requests).logits, first, rtol=1e-5, atol=1e-5)
+
+
+def test_each_generate_call_returns_its_own_prefill(scorer, processed):  # noqa: F811
+    """Two threads generate on different batches and only then look at their results (a barrier between
+    the calls and the checks): each must hold its own prefill. An engine-wide "latest prefill" attribute,
+    read back after the call, would hand one thread the other's."""
+    model = tiny_qwen(seed=7)
+    engine = engine_for(model, scorer, keep_ratio=0.3)
+    requests = batch_requests(processed)
+    batches = {"first": requests[:2], "last": requests[2:]}
+    serial = {name: engine.generate(b, max_new_tokens=3) for name, b in batches.items()}
+    assert serial["first"].prefill.kept_tokens != serial["last"].prefill.kept_tokens  # the two are told apart
+    both_done = threading.Barrier(len(batches))
+    results = {}
+
+    def worker(name):
+        def fn():
+            out = engine.generate(batches[name], max_new_tokens=3)
+            both_done.wait()  # the other thread's call has finished too before this one reads anything
+            results[name] = out
+        return fn
+
+    assert run_threads([worker(name) for name in batches]) == []
+    assert not hasattr(engine, "last_prefill")
+    for name, want in serial.items():
+        got = results[name]
+        assert got.token_ids == want.token_ids
+        assert got.prefill.kept_tokens == want.prefill.kept_tokens
+        assert got.prefill.sequence_lengths == want.prefill.sequence_lengths
+        assert [k.tolist() for k in got.prefill.kept_indices] == [k.tolist() for k in want.prefill.kept_indices]
+        torch.testing.assert_close(got.prefill.logits, want.prefill.logits, rtol=1e-5, atol=1e-5)
+        assert got.prefill.timings_ms == {}

@@ -24,6 +24,8 @@ from autoselect_fast import engine as engine_module
 from autoselect_fast import ops, packing
 from autoselect_fast import reference as R
 from autoselect_fast._validation import VALIDATE_ENV, resolve_validate
+from autoselect_fast.timing import Stopwatch
+from device_values import DeviceValueTracker
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 HOST_READ_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero")
@@ -355,6 +357,142 @@ def test_packer_on_cuda_never_falls_back_to_the_reference(monkeypatch):
     with pytest.raises(RuntimeError, match="the C\\+\\+ packer cannot run on cuda: .*simulated"):
         engine_module.resolve_packer(torch.device("cuda"))
     assert engine_module.resolve_packer(torch.device("cpu"))[0] == "reference"
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole prefill / generate on a CPU model: no host read of a device value, no sync without timings
+# --------------------------------------------------------------------------------------------------
+# The CPU attention backend (a loop of SDPA calls over the segments) reads the segment bounds on the
+# host by design; on a GPU the engine takes flash-attn or torch's varlen kernel, which read nothing.
+CPU_ONLY_READS = ("autoselect_fast/attention.py", "_sdpa_segments")
+
+
+def _tracked_engine(monkeypatch, model, scorer, **kwargs):
+    """An engine, and a tracker whose device values include the packer's outputs (the C++ extension
+    is called outside the dispatcher; on a GPU its outputs live on the device)."""
+    tracker = DeviceValueTracker(model, scorer)
+    pack = packing.pack_varlen
+
+    def tracked_pack(*args):
+        out = pack(*args)
+        for name in ("embeds", "cu_seqlens", "position_ids", "last_token_index"):
+            value = getattr(out, name).clone()
+            tracker.mark(value)
+            setattr(out, name, value)
+        return out
+
+    monkeypatch.setattr(packing, "pack_varlen", tracked_pack)  # before the engine picks its packer
+    return engine_module.AutoSelectEngine(model, scorer, score_cache_size=0, **kwargs), tracker
+
+
+def _made_in(read, path: str, function: str) -> bool:
+    return any(path in frame and f"({function})" in frame for frame in read.where)
+
+
+def _engine_reads(tracker) -> list:
+    return [r for r in tracker.reads if not _made_in(r, *CPU_ONLY_READS)]
+
+
+def _llava_requests():
+    gen = torch.Generator().manual_seed(8)
+    pixels = [torch.randn(3, 28, 28, generator=gen) for _ in range(3)]
+    return [
+        engine_module.Request([1, 5, 6, 127, 7, 8], pixel_values=pixels[0]),
+        engine_module.Request([1, 9, 10, 2]),  # text only
+        engine_module.Request([1, 3, 127, 4, 127, 2], images=[pixels[1], pixels[2]]),
+    ]
+
+
+@pytest.mark.parametrize("keep, mode", [(5, "original"), (5, "compact"), (None, "original")], ids=["pruned", "compact", "keep_all"])
+def test_prefill_reads_no_device_value_without_timings(monkeypatch, tiny_llava, keep, mode):
+    model, scorer = tiny_llava
+    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep=keep, position_mode=mode)
+    requests = _llava_requests()
+    want = engine.prefill(requests)  # untracked: warm-up and the values to compare with
+    with tracker:
+        got = engine.prefill(requests)
+    assert [str(r) for r in _engine_reads(tracker)] == []
+    assert tracker.syncs == [] and got.timings_ms == {}
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert got.kept_tokens == want.kept_tokens and got.sequence_lengths == want.sequence_lengths
+
+    with tracker:  # asked for timings: a synchronisation around every stage (a no-op on the CPU)
+        timed = engine.prefill(requests, timings=True)
+    assert [s.what for s in tracker.syncs] == ["Stopwatch sync"] * 8  # before and after each of the 4 stages
+    assert set(timed.timings_ms) == {"vision", "prune", "pack", "prefill", "total"}
+
+
+def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
+    """Qwen2.5-VL (M-RoPE positions, the adapter's pre-merger tower): an image and a text-only request."""
+    from test_engine_qwen import image_input, image_prompt, image_processor, picture, tiny_qwen
+
+    from autoselect_fast.modules import Scorer, ScorerConfig
+
+    model = tiny_qwen(seed=5)
+    torch.manual_seed(3)
+    scorer = Scorer(ScorerConfig(input_dim=4 * 32, hidden_dim=32, num_layers=1, num_heads=4)).eval()
+    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep_ratio=0.3, image_processor=image_processor())
+    processed = image_processor()(images=[picture(0, (220, 100))], return_tensors="pt")
+    wide = {"wide": (processed["pixel_values"], processed["image_grid_thw"][0])}
+    requests = [engine_module.Request(image_prompt(9, 10), images=[image_input(wide, "wide")]), engine_module.Request([240, 2, 16, 17])]
+    want = engine.prefill(requests)
+    with tracker:
+        got = engine.prefill(requests)
+    assert [str(r) for r in _engine_reads(tracker)] == [] and tracker.syncs == []
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert got.kept_tokens == want.kept_tokens and got.kept_tokens[0] < got.visual_tokens[0]
+
+
+@pytest.mark.parametrize("read_every, flag_reads", [(8, 0), (2, 2)])
+def test_generate_reads_only_the_finished_flags_and_its_tokens(monkeypatch, tiny_llava, read_every, flag_reads):
+    """Besides the prefill (no read), decoding reads the "every request finished" flag every
+    ``read_every`` steps (5 tokens: after tokens 2 and 4 with read_every=2, never with 8) and the new
+    tokens once, at the end; nothing else (the decode step's 4-D mask is not checked by transformers),
+    and no sync without timings."""
+    model, scorer = tiny_llava
+    engine, tracker = _tracked_engine(monkeypatch, model, scorer, keep=5)
+    requests = _llava_requests()
+    want = engine.generate(requests, max_new_tokens=5)
+    with tracker:
+        got = engine.generate(requests, max_new_tokens=5, read_every=read_every)
+    assert got.token_ids == want.token_ids and got.prefill.timings_ms == {}
+    assert tracker.syncs == []
+    reads = _engine_reads(tracker)
+    assert all(_made_in(r, "autoselect_fast/engine/decode.py", "decode") for r in reads), [str(r) for r in reads]
+    assert [r.what for r in reads] == ["Tensor.__bool__"] * flag_reads + ["Tensor.tolist"]
+
+
+def _one_stage(clock):
+    with clock.stage("x"):  # a sync on entering and one on leaving
+        pass
+
+
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("item", lambda x, i: (x.sum().item(),)),
+        ("tolist", lambda x, i: (x.tolist(),)),
+        ("bool", lambda x, i: (bool(x.sum() > 0),)),
+        ("cpu", lambda x, i: (x.cpu(),)),
+        ("nonzero", lambda x, i: (x.nonzero(),)),
+        ("mask", lambda x, i: (x[x > 0],)),
+        ("host_indexed_by_device", lambda x, i: (torch.arange(10)[i.to("cpu")],)),
+        ("repeat_interleave", lambda x, i: (torch.repeat_interleave(i.to("cpu")),)),
+        ("stopwatch", lambda x, i: _one_stage(Stopwatch("cpu"))),
+        ("cuda_synchronize", lambda x, i: torch.cuda.synchronize()),
+    ],
+)
+def test_device_value_tracker_sees_each_read(name, fn):
+    """The detector behind the two tests above catches every kind of read it claims to."""
+    weight = torch.nn.Linear(4, 1)
+    tracker = DeviceValueTracker(weight)
+    host = torch.arange(4.0).view(1, 4)
+    with tracker:
+        x = weight(host).flatten()  # a device value
+        indices = torch.tensor([1, 2]).to("cpu")  # moved "to the device"
+        fn(x, indices)
+        host.sum().item()  # host values are read freely
+    assert len(tracker.reads) + len(tracker.syncs) == (2 if name == "stopwatch" else 1), (tracker.reads, tracker.syncs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ One module per concern (``docs/engine.md``, "Layout"):
 * ``backends``: the selection, packer and attention backends, each resolved once with a smoke test;
 * ``sampling``: greedy / temperature, top-k, top-p choice of the next token;
 * ``decode``: the decode loop over a static KV cache the prefill fills (CUDA graphs per batch-size bucket);
-* ``engine``: :class:`AutoSelectEngine`, its stages and their results.
+* ``outputs``: what the stages return (:class:`PruneResult`, :class:`PrefillOutput`, :class:`GenerateOutput`);
+* ``engine``: :class:`AutoSelectEngine` and its stages.
 """
 from .backends import SELECTION_BACKENDS, resolve_attention, resolve_packer, resolve_selection_backend
-from .engine import DEFAULT_SCORE_CACHE_SIZE, AutoSelectEngine, GenerateOutput, PrefillOutput, PruneResult
+from .engine import DEFAULT_SCORE_CACHE_SIZE, AutoSelectEngine
+from .outputs import GenerateOutput, PrefillOutput, PruneResult
 from .request import ImageInput, PreparedBatch, Prompt, Request, build_requests, prepare_batch
 from .sampling import filter_logits, sample_next_tokens
 

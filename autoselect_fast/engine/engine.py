@@ -23,7 +23,6 @@ import functools
 import inspect
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
@@ -31,79 +30,21 @@ from torch import Tensor, nn
 
 from .. import reference
 from .._validation import check_choice, is_int, to_device
-from ..attention import install_dispatch, varlen_call
+from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
 from ..caching import LRUCache
 from ..models import VLMAdapter, get_adapter
 from ..packing import PackedBatch
-from ..placeholders import text_columns
 from ..reference import POSITION_MODES, Selection, cu_seqlens_from_lengths
 from ..timing import Stopwatch
 from .backends import one_at_a_time, resolve_attention, resolve_packer, resolve_selection_backend
 from .decode import DEFAULT_READ_EVERY, DecodeRunner, GlobalGenerator, ModelStep, StopRule, check_read_every, decode
+from .outputs import GenerateOutput, PrefillOutput, PruneResult, prefill_output
 from .request import PreparedBatch, Request, check_max_new_tokens, prepare_batch, stop_set
 from .sampling import check_sampling, request_generators, sample_next_tokens
 
 DEFAULT_SCORE_CACHE_SIZE = 1024
 
-__all__ = ["AutoSelectEngine", "PruneResult", "PrefillOutput", "GenerateOutput", "DEFAULT_SCORE_CACHE_SIZE"]
-
-
-@dataclass
-class PruneResult:
-    """Output of :meth:`AutoSelectEngine.prune`.
-
-    ``scores`` ``(ΣN,)`` per token (``token_cu_seqlens`` per image); ``selection`` is what the
-    selection backend returned: flat ``indices`` into the ΣN tokens (ascending per image), the kept
-    ``features`` ``(ΣK, d_v)``, their ``position_ids`` (the positions passed in, ``original`` mode)
-    and ``cu_seqlens`` of the kept tokens.
-    """
-
-    scores: Tensor
-    token_cu_seqlens: Tensor
-    selection: Selection
-
-    def kept_indices(self) -> list[Tensor]:
-        """Per image: indices of the kept tokens in ``[0, N_i)``, ascending (sequence order)."""
-        starts = self.token_cu_seqlens[:-1].tolist()
-        bounds = self.selection.cu_seqlens.tolist()
-        return [self.selection.indices[b:e] - s for s, b, e in zip(starts, bounds[:-1], bounds[1:])]
-
-
-@dataclass
-class PrefillOutput:
-    """Result of :meth:`AutoSelectEngine.prefill`.
-
-    Attributes:
-        logits: ``(B, vocab)`` logits of the first generated token.
-        kept_tokens: per request, visual tokens kept over all its images (ΣK; newlines not counted).
-        visual_tokens: per request, visual tokens of its images before pruning (ΣN).
-        sequence_lengths: per request, tokens in the pruned LLM sequence (text + kept tokens + kept newlines).
-        next_positions: ``(B,)`` position id of the first generated token (largest position + 1, over
-            all rows for M-RoPE); decoding uses it on every row and counts up by one.
-        kept_indices: per image of the batch (request after request), ascending kept token indices in ``[0, N_i)``.
-        image_request: per image of the batch, the request it belongs to.
-        timings_ms: ``{}`` unless the call asked for ``timings=True``; then ``vision`` (vision tower +
-            feature arrangement), ``prune`` (Scorer + selection), ``pack`` (projector on kept tokens,
-            embeddings, positions, packing), ``prefill`` (LLM forward + lm_head on the last tokens),
-            ``total``, measured with CUDA synchronisation around each stage on a GPU.
-    """
-
-    logits: Tensor
-    kept_tokens: list[int]
-    visual_tokens: list[int]
-    sequence_lengths: list[int]
-    next_positions: Tensor
-    kept_indices: list[Tensor]
-    image_request: list[int] = field(default_factory=list)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class GenerateOutput:
-    """Result of :meth:`AutoSelectEngine.generate`: new token ids per request and the prefill they follow."""
-
-    token_ids: list[list[int]]
-    prefill: PrefillOutput
+__all__ = ["AutoSelectEngine", "DEFAULT_SCORE_CACHE_SIZE"]
 
 
 class AutoSelectEngine:
@@ -245,15 +186,6 @@ class AutoSelectEngine:
         with self._lock:
             self._score_cache.clear()
 
-    def _no_images(self) -> PruneResult:
-        """The prune result of a batch without images (text-only requests)."""
-        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-        rows = self.adapter.position_rows
-        positions = empty if rows == 1 else empty.view(1, 0).expand(rows, 0)
-        selection = Selection(indices=empty, features=torch.zeros(0, self.adapter.feature_dim, device=self.device),
-                              position_ids=positions, cu_seqlens=torch.zeros(1, dtype=torch.int64, device=self.device))
-        return PruneResult(scores=torch.zeros(0, device=self.device), token_cu_seqlens=torch.zeros(1, dtype=torch.int64), selection=selection)
-
     @torch.inference_mode()
     def prune(
         self,
@@ -272,7 +204,7 @@ class AutoSelectEngine:
             positions: ``(ΣN,)`` or ``(3, ΣN)`` full-sequence positions of the tokens; default 0..N_i-1 per image.
         """
         if not features:
-            return self._no_images()
+            return PruneResult.empty(self.device, self.adapter.feature_dim, self.adapter.position_rows)
         if budgets is None:
             budgets = [self.budget(f.shape[0]) for f in features]
         _check_budgets(budgets, features)  # on the host: the selection itself runs without data checks
@@ -287,20 +219,24 @@ class AutoSelectEngine:
                 positions = to_device(reference.default_positions(host_cu), flat.device)
             everything = torch.arange(flat.shape[0], device=flat.device)
             selection = Selection(indices=everything, features=flat, position_ids=positions, cu_seqlens=cu)
-            return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=cu, selection=selection)
+            return PruneResult(scores=torch.zeros(flat.shape[0], device=flat.device), token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
         scores = torch.cat(self.score(features, keys))
         # Budgets go as a host list: ΣK sizes the outputs without reading the device.
         selection = self._select(scores, flat, list(budgets), cu, positions=positions, position_mode="original",
                                  max_seqlen=max(f.shape[0] for f in features))
-        return PruneResult(scores=scores, token_cu_seqlens=cu, selection=selection)
+        return PruneResult(scores=scores, token_cu_seqlens=host_cu, selection=selection, budgets=list(budgets))
 
     # -- stage 4: projector, embeddings, positions, packing ----------------------------------------
     @torch.inference_mode()
     def pack(self, batch: PreparedBatch, pruned: PruneResult) -> PackedBatch:
         """The packed varlen batch of the pruned sequences (see ``docs/engine.md`` for the positions)."""
+        return self._pack_batch(batch, pruned)[0]
+
+    def _pack_batch(self, batch: PreparedBatch, pruned: PruneResult) -> tuple[PackedBatch, list[int]]:
+        """The packed batch and, known on the host, each request's packed length."""
         device = self.device
         kept = pruned.kept_indices()
-        text_embeds = self.adapter.embed_tokens(batch.text_ids.to(device))
+        text_embeds = self.adapter.embed_tokens(to_device(batch.text_ids, device))
         slots, visual = [], []
         if batch.num_images:
             projected = self.adapter.project(pruned.selection.features).split([k.numel() for k in kept])
@@ -308,40 +244,17 @@ class AutoSelectEngine:
                 slots_i, embeds_i = self.adapter.image_slot_embeddings(layout, kept_i, proj_i)
                 slots.append(slots_i)
                 visual.append(embeds_i)
-        text_positions, visual_positions = self._positions(batch, slots)
+        text_positions, visual_positions = batch.pruned_positions(slots, self.position_mode, self.adapter.position_rows, device)
         visual_embeds = torch.cat(visual).to(text_embeds.dtype) if visual else text_embeds.new_zeros(0, text_embeds.shape[-1])
-        return self._pack(
-            text_embeds, batch.text_cu_seqlens, text_positions.to(device),
-            visual_embeds, cu_seqlens_from_lengths([s.numel() for s in slots]), visual_positions.to(device),
+        packed = self._pack(
+            text_embeds, batch.text_cu_seqlens, to_device(text_positions, device),
+            visual_embeds, cu_seqlens_from_lengths([s.numel() for s in slots]), to_device(visual_positions, device),
             batch.image_request, batch.insert_at,
         )
-
-    def _positions(self, batch: PreparedBatch, slots: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Positions of the text tokens ``(rows, ΣLt)`` and the kept image slots ``(rows, ΣV)``.
-
-        ``original``: each token's column in the full sequence, looked up in the positions the model gives
-        that sequence (gaps remain; M-RoPE rows gathered alike). ``compact``: the column in the pruned
-        sequence, the same on every row. Rows are squeezed away for 1-D positions.
-        """
-        rows = self.adapter.position_rows
-        text_parts, visual_parts = [], [None] * batch.num_images
-        for r, (s, e) in enumerate(reference.segment_bounds(batch.text_cu_seqlens)):
-            images = batch.images_of(r)
-            insert_at = [int(batch.insert_at[i]) for i in images]
-            if self.position_mode == "original":
-                columns, starts = text_columns(e - s, insert_at, [batch.layouts[i].num_slots for i in images])
-                full = batch.full_positions[r]
-                text_parts.append(full[:, columns])
-                for i, start in zip(images, starts):
-                    visual_parts[i] = full[:, start + slots[i]]
-            else:
-                columns, starts = text_columns(e - s, insert_at, [slots[i].numel() for i in images])
-                text_parts.append(columns.expand(rows, -1))
-                for i, start in zip(images, starts):
-                    visual_parts[i] = (start + torch.arange(slots[i].numel())).expand(rows, -1)
-        text = torch.cat(text_parts, dim=1)
-        visual = torch.cat(visual_parts, dim=1) if visual_parts else torch.zeros(rows, 0, dtype=torch.int64)
-        return (text[0], visual[0]) if rows == 1 else (text.contiguous(), visual.contiguous())
+        lengths = batch.text_cu_seqlens.diff().tolist()
+        for r, s in zip(batch.image_request.tolist(), slots):
+            lengths[r] += s.numel()
+        return packed, lengths
 
     # -- stage 5: LLM prefill over the packed batch ------------------------------------------------
     @torch.inference_mode()
@@ -359,7 +272,7 @@ class AutoSelectEngine:
             hidden = lm(
                 inputs_embeds=packed.embeds[None],
                 position_ids=packed.position_ids.unsqueeze(-2),  # (1, T), or (3, 1, T) for M-RoPE
-                attention_mask=None,
+                attention_mask=PACKED_NO_MASK,  # no mask, and none built (see attention.PACKED_NO_MASK)
                 cu_seq_lens_q=cu,
                 cu_seq_lens_k=cu,
                 max_length_q=packed.max_seqlen,
@@ -381,9 +294,9 @@ class AutoSelectEngine:
         return out
 
     def _prefill(self, requests, timings: bool, batch: Optional[PreparedBatch] = None,
-                 cache_for: Optional[Callable[[PackedBatch], Any]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
-        """Stages 1-5; ``cache_for(packed)`` (called between packing and the prefill, outside the timed
-        stages) gives the cache the prefill fills."""
+                 cache_for: Optional[Callable[[list[int]], Any]] = None) -> tuple[PrefillOutput, PackedBatch, PreparedBatch]:
+        """Stages 1-5; ``cache_for(lengths)`` (the requests' packed lengths; called between packing and
+        the prefill, outside the timed stages) gives the cache the prefill fills."""
         if not isinstance(timings, bool):
             raise TypeError(f"timings must be a bool, got {timings!r}")
         batch = self.prepare(requests) if batch is None else batch
@@ -397,33 +310,14 @@ class AutoSelectEngine:
         with stage("prune"):
             pruned = self.prune(features, batch.budgets, keys=batch.image_keys, positions=batch.token_positions)
         with stage("pack"):
-            packed = self.pack(batch, pruned)
-        cache = None if cache_for is None else cache_for(packed)
+            packed, lengths = self._pack_batch(batch, pruned)
+        cache = None if cache_for is None else cache_for(lengths)
         with stage("prefill"):
             logits = self.prefill_packed(packed, cache)
         timings_ms = {}
         if clock is not None:
             timings_ms = {**clock.ms, "total": sum(clock.ms.values())}
-        lengths = packed.cu_seqlens.diff().tolist()
-        request_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), packed.cu_seqlens.diff().to(self.device).long())
-        token_max = packed.position_ids.view(-1, packed.embeds.shape[0]).amax(0)  # over the M-RoPE rows
-        largest = torch.full((len(lengths),), -1, dtype=torch.int64, device=self.device)
-        largest = largest.scatter_reduce(0, request_of_token, token_max, reduce="amax")
-        image_request = batch.image_request.tolist()
-        kept_tokens, visual_tokens = [0] * batch.batch_size, [0] * batch.batch_size
-        for r, k, layout in zip(image_request, batch.budgets, batch.layouts):
-            kept_tokens[r] += k
-            visual_tokens[r] += layout.num_tokens
-        output = PrefillOutput(
-            logits=logits,
-            kept_tokens=kept_tokens,
-            visual_tokens=visual_tokens,
-            sequence_lengths=lengths,
-            next_positions=largest + 1,
-            kept_indices=pruned.kept_indices(),
-            image_request=image_request,
-            timings_ms=timings_ms,
-        )
+        output = prefill_output(batch, pruned, packed, lengths, logits, timings_ms)
         return output, packed, batch
 
     @torch.inference_mode()
@@ -473,8 +367,7 @@ class AutoSelectEngine:
         global_generator = GlobalGenerator(self.device) if do_sample and None in generators else None
         held = []
 
-        def decode_cache(packed: PackedBatch):
-            lengths = packed.cu_seqlens.diff().tolist()
+        def decode_cache(lengths: list[int]):
             held.append(self.decoder.acquire(len(lengths), max(lengths) + max(rule.limits)))
             return held[0].cache.prefill_writer(lengths)
 

@@ -18,7 +18,8 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .._validation import is_int
+from .. import reference
+from .._validation import is_int, to_device
 from ..caching import image_fingerprint
 from ..models import ImageLayout, VLMAdapter
 from ..placeholders import expand, image_runs, strip_runs, text_columns
@@ -142,6 +143,33 @@ class PreparedBatch:
     def images_of(self, request: int) -> list[int]:
         """Indices of request ``request``'s images, in sequence order."""
         return [i for i, r in enumerate(self.image_request.tolist()) if r == request]
+
+    def pruned_positions(self, slots: list[Tensor], position_mode: str, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Positions of the text tokens ``(rows, ΣLt)`` (host) and of the kept image slots ``(rows, ΣV)``
+        (on ``device``), given each image's kept ``slots``.
+
+        ``original``: each token's column in the full sequence, looked up in the positions the model gives
+        that sequence (gaps remain; M-RoPE rows gathered alike). ``compact``: the column in the pruned
+        sequence, the same on every row. Rows are squeezed away for 1-D positions.
+        """
+        text_parts, visual_parts = [], [None] * self.num_images
+        for r, (s, e) in enumerate(reference.segment_bounds(self.text_cu_seqlens)):
+            images = self.images_of(r)
+            insert_at = [int(self.insert_at[i]) for i in images]
+            if position_mode == "original":
+                columns, starts = text_columns(e - s, insert_at, [self.layouts[i].num_slots for i in images])
+                full = self.full_positions[r]
+                text_parts.append(full[:, columns])
+                for i, start in zip(images, starts):  # gathered where the slots are: no device index read on the host
+                    visual_parts[i] = to_device(full, slots[i].device)[:, start + slots[i]]
+            else:
+                columns, starts = text_columns(e - s, insert_at, [slots[i].numel() for i in images])
+                text_parts.append(columns.expand(rows, -1))
+                for i, start in zip(images, starts):
+                    visual_parts[i] = (start + torch.arange(slots[i].numel())).expand(rows, -1)
+        text = torch.cat(text_parts, dim=1)
+        visual = torch.cat([to_device(v, device) for v in visual_parts], dim=1) if visual_parts else torch.zeros(rows, 0, dtype=torch.int64)
+        return (text[0], visual[0]) if rows == 1 else (text.contiguous(), visual.contiguous())
 
 
 def build_requests(prompts: Sequence[Prompt], images: Sequence[Any], *, image_sizes=None, image_ids=None) -> list[Request]:

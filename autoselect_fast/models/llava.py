@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, TokenRegions, VLMAdapter
+from .base import ImageLayout, TokenRegions, VLMAdapter
 
 
 def size_field(size, key: str) -> Optional[int]:

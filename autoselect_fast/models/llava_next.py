@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, TokenRegions
+from .base import ImageLayout, TokenRegions
 from .llava import LlavaFamilyAdapter
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_tensor
-from . import ImageLayout, TokenRegions, VLMAdapter
+from .base import ImageLayout, TokenRegions, VLMAdapter
 
 
 def _grid_tuple(image_size) -> tuple[int, int, int]:
