@@ -425,23 +425,23 @@ def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
     assert got.kept_tokens == want.kept_tokens and got.kept_tokens[0] < got.visual_tokens[0]
 
 
-def test_generate_reads_only_its_new_tokens(monkeypatch, tiny_llava):
-    """Besides the prefill (no read), decoding reads only in its loop, every ``read_every`` steps and
-    once at the end; nothing else, and no sync without timings."""
+@pytest.mark.parametrize("read_every, flag_reads", [(8, 0), (2, 2)])
+def test_generate_reads_only_the_finished_flags_and_its_tokens(monkeypatch, tiny_llava, read_every, flag_reads):
+    """Besides the prefill (no read), decoding reads the "every request finished" flag every
+    ``read_every`` steps (5 tokens: after tokens 2 and 4 with read_every=2, never with 8) and the new
+    tokens once, at the end; nothing else (the decode step's 4-D mask is not checked by transformers),
+    and no sync without timings."""
     model, scorer = tiny_llava
     engine, tracker = tracked_engine(monkeypatch, model, scorer, keep=5)
     requests = llava_requests()
-    want = engine.generate(requests, max_new_tokens=3)
+    want = engine.generate(requests, max_new_tokens=5)
     with tracker:
-        got = engine.generate(requests, max_new_tokens=3)
+        got = engine.generate(requests, max_new_tokens=5, read_every=read_every)
     assert got.token_ids == want.token_ids and got.prefill.timings_ms == {}
     assert tracker.syncs == []
     reads = engine_reads(tracker)
-    assert [str(r) for r in reads if not _made_in(r, "autoselect_fast/engine/decode.py", "decode")] == []
-    # The static-cache decode reads the "every request finished" flag once per ``read_every`` steps (8:
-    # once here) and the tokens once at the end: at most two reads for three tokens, none per step (the
-    # tracker follows tensors derived from the model outputs; the decode reads its own static buffers).
-    assert len(reads) <= 2, [str(r) for r in reads]
+    assert all(_made_in(r, "autoselect_fast/engine/decode.py", "decode") for r in reads), [str(r) for r in reads]
+    assert [r.what for r in reads] == ["Tensor.__bool__"] * flag_reads + ["Tensor.tolist"]
 
 
 def _one_stage(clock):

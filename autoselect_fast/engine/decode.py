@@ -290,8 +290,8 @@ def decode(state: DecodeState, first_logits: Tensor, next_positions: Tensor, rul
     """
     batch, device = first_logits.shape[0], first_logits.device
     steps = max(rule.limits)
-    out = torch.empty(batch, steps, dtype=torch.int64, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = first_logits.new_empty((batch, steps), dtype=torch.int64)  # on the logits' device
+    done = first_logits.new_zeros(batch, dtype=torch.bool)
     limits = to_device(torch.tensor(rule.limits, dtype=torch.int64), device)
     stops = rule.stop_table(device)
     state.positions[:batch].copy_(next_positions)
