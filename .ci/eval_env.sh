@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lmms-eval model's test environment, and its tests.
 #
-#   bash .ci/eval_env.sh        # ~15 min the first time on the shared 2-core machine (install), ~8 min after (tests)
+#   bash .ci/eval_env.sh        # measured on the shared 2-core machine: 33 min on a fresh venv (install ~21, tests 12)
 #
 # lmms-eval gets a virtual environment of its own: .venv-eval in the clone (git-ignored; reused when
 # present, EVAL_VENV=path to put it elsewhere). Its dependencies would change the main environment:
