@@ -36,6 +36,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed: `bash .ci/vllm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from test_readme import SUITE_ONLY_VARIABLES  # noqa: E402
 from test_readme import VLLM as README_VLLM_SNIPPETS  # noqa: E402
 from tiny_checkpoints import save_qwen2_5_vl  # noqa: E402
 
@@ -50,9 +51,10 @@ NO_COUNTS = {"selected_at_add": 0, "selected_at_encoder": 0, "without_pixels": 0
 
 
 def default_mode_env() -> dict:
-    """The environment of a process that runs vLLM as a user would: the engine in its own process."""
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    """The environment of a process that runs vLLM as a user would: the engine in its own process, and
+    none of the test suite's variables (without TRITON_INTERPRET, ``ops`` takes its reference path on CPU)."""
+    dropped = ("VLLM_ENABLE_V1_MULTIPROCESSING", *SUITE_ONLY_VARIABLES)
+    return {**{k: v for k, v in os.environ.items() if k not in dropped}, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def picture(seed: int, width: int, height: int) -> Image.Image:
