@@ -210,7 +210,7 @@ class QwenVisionTower:
     def grid_metadata(self, grid) -> GridMetadata:
         """The cached :class:`GridMetadata` of ``grid`` (computed on the host the first time)."""
         grid = check_grid(grid, merge=self.merge)
-        return self._grids.get_or_build(grid, lambda: self._build_grid(grid))
+        return self._grids.get_or_build(grid, lambda: _outside_inference_mode(self._build_grid, grid))
 
     def _build_grid(self, grid: Grid) -> GridMetadata:
         t, h, w = grid
@@ -241,7 +241,7 @@ class QwenVisionTower:
         if bucket is not None and not isinstance(bucket, PatchBucket):
             raise TypeError(f"bucket must be a PatchBucket or None, got {type(bucket).__name__}")
         device = torch.device(device) if device is not None else next(self.tower.parameters()).device
-        return self._plans.get_or_build((grids, bucket, str(device)), lambda: self._build_plan(grids, device, bucket))
+        return self._plans.get_or_build((grids, bucket, str(device)), lambda: _outside_inference_mode(self._build_plan, grids, device, bucket))
 
     def bucket(self, patches: int, frames: int) -> PatchBucket:
         """A bucket of ``patches`` rows (rounded up to a multiple of merge²) that fits every batch of at
@@ -372,6 +372,13 @@ class QwenVisionTower:
             raise ValueError(f"pixel_values and grids must have one entry per image, got {len(pixel_values)} and {len(grids)}")
         plan = self.plan(grids, bucket=bucket)
         return self.raster_groups(self.forward(self.pack(pixel_values, plan), plan), plan)
+
+
+def _outside_inference_mode(build, *args):
+    """A cached entry is built as ordinary tensors: one built inside ``torch.inference_mode`` (the engine's
+    stages) could not be used later by a call that records autograd (training's features, a test)."""
+    with torch.inference_mode(False):
+        return build(*args)
 
 
 def _offsets(lengths: Sequence[int]) -> Tensor:
