@@ -45,11 +45,11 @@ from lmms_eval.protocol import ChatMessages
 
 from ..budget import check_budget_args
 from ..engine import AutoSelectEngine, Request
-from ..local_checkpoint import DTYPES, load_scorer, open_checkpoint
+from ..local_checkpoint import load_scorer, open_checkpoint
 from ..preflight import UsageError
 from ..reference import POSITION_MODES
 from ..selectors import SELECTORS
-from ..validation import is_int
+from ..validation import DTYPES, is_int
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
