@@ -1,20 +1,26 @@
-"""The decode KV cache: static per-layer key/value buffers filled once from a packed prefill.
+"""The decode KV cache: static key/value buffers of every layer, filled once from a packed prefill.
 
 This module owns where the keys and values of a batch live while it decodes, and the attention that
-reads them. :class:`DecodeCache` allocates, once per batch, for every layer of the language model one
-key and one value buffer of shape ``(batch, kv heads, capacity, head dim)``, where capacity covers the
-longest pruned prefill plus the new tokens. Row r holds request r's tokens left-aligned: columns
-``0 .. lengths[r]-1`` are valid, the rest is never read (masked). Only the kept tokens of the prefill
-are in it (docs/design.md, "Position ids").
+reads them. :class:`DecodeCache` allocates, once per batch, one key and one value buffer of shape
+``(layers, batch, kv heads, capacity, head dim)``, where capacity covers the longest pruned prefill plus
+the new tokens; ``keys[l]`` / ``values[l]`` are layer l's ``(batch, kv heads, capacity, head dim)`` views
+of them. Row r holds request r's tokens left-aligned: columns ``0 .. lengths[r]-1`` are valid, the rest
+is never read (masked). Only the kept tokens of the prefill are in it (docs/design.md, "Position ids").
 
-* **Prefill** (:meth:`DecodeCache.prefill_writer`): passed as the cache of the packed varlen prefill,
-  the writer scatters each layer's packed keys/values ``(1, Hkv, T, d)`` into the buffers in one
-  indexed copy per layer (token t of request r goes to row r, column t - cu_seqlens[r]) and hands the
-  packed tensors back unchanged to the varlen attention. No other copy of the prefill's cache exists.
+* **Prefill** (:meth:`DecodeCache.prefill_writer`): the writer knows where each packed token goes (token
+  t of request r to row r, column t - cu_seqlens[r]; indices built on the host, copied without a
+  synchronisation) and fills the cache in one of two ways. Eagerly, as the cache of the packed varlen
+  prefill: each layer's packed keys/values ``(1, Hkv, T, d)`` are scattered in one indexed copy per layer
+  (:meth:`PrefillWriter.update`) and handed back unchanged to the varlen attention. From the runner's
+  padded / CUDA-graph prefill (``engine.runner``, ``engine.prefill_buffers``): the step copies every
+  layer's packed keys/values into static ``(layers, bucket, Hkv, d)`` buffers, and after it
+  :meth:`PrefillWriter.scatter` writes the real tokens of all layers at once, one indexed copy for the
+  keys and one for the values (the padding tokens after them are not written). No other copy of the
+  prefill's cache exists.
 * **Decode step** (the cache itself is the ``cache`` of the language model call, with
   :attr:`DecodeCache.mask` as its 4-D ``attention_mask``): :meth:`DecodeCache.prepare_step` sets the
   mask in place to ``column <= lengths[r]``; every layer's :meth:`DecodeCache.update` writes the new
-  key/value of row r at column ``lengths[r]`` (one indexed copy) and returns the whole buffers;
+  key/value of row r at column ``lengths[r]`` (one indexed copy) and returns the layer's whole buffers;
   :func:`decode_attention` attends with that mask; :meth:`DecodeCache.advance` adds one to every length.
   Every tensor the step touches is allocated here once, and nothing reads a device value on the host,
   so the step can be captured in a CUDA graph and replayed.
@@ -50,7 +56,7 @@ def text_config_shapes(config) -> tuple[int, int, int]:
 
 
 class DecodeCache:
-    """Per-layer K/V buffers ``(batch_size, kv_heads, capacity, head_dim)`` plus the per-row lengths and mask.
+    """K/V buffers ``(num_layers, batch_size, kv_heads, capacity, head_dim)`` plus the per-row lengths and mask.
 
     Args:
         num_layers, kv_heads, head_dim: the language model's attention shapes (:meth:`for_config`).
@@ -60,7 +66,8 @@ class DecodeCache:
         dtype, device: of the language model's keys and values.
 
     Attributes:
-        keys, values: per layer ``(batch_size, kv_heads, capacity, head_dim)``.
+        key_buffer, value_buffer: ``(num_layers, batch_size, kv_heads, capacity, head_dim)``, every layer at once.
+        keys, values: per layer ``(batch_size, kv_heads, capacity, head_dim)``, views of the buffers.
         lengths: ``(batch_size,)`` int64 on the device, valid columns per row.
         mask: ``(batch_size, 1, 1, capacity)`` bool, the attention mask of the next decode step
             (valid columns plus the one the step writes), set by :meth:`prepare_step`.
@@ -74,9 +81,11 @@ class DecodeCache:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.device = torch.device(device)
         self.batch_size, self.capacity = batch_size, capacity
-        shape = (batch_size, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        shape = (num_layers, batch_size, kv_heads, capacity, head_dim)
+        # one tensor for all layers: a prefill from the runner's static buffers fills every layer in one indexed copy
+        self.key_buffer = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.value_buffer = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.keys, self.values = list(self.key_buffer.unbind(0)), list(self.value_buffer.unbind(0))
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.mask = torch.zeros(batch_size, 1, 1, capacity, dtype=torch.bool, device=self.device)
         self._rows = torch.arange(batch_size, device=self.device)
@@ -93,13 +102,14 @@ class DecodeCache:
         return len(self.keys)
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in (self.key_buffer, self.value_buffer))
 
     # ---------------------------------------------------------------------------------------------
     # Filling from a packed prefill
     # ---------------------------------------------------------------------------------------------
     def prefill_writer(self, sequence_lengths: Sequence[int]) -> "PrefillWriter":
-        """The ``cache`` to give the packed prefill of requests with these (pruned) lengths, in order.
+        """The writer of the packed prefill of requests with these (pruned) lengths, in order: the ``cache``
+        of an eager prefill call, or the target of :meth:`PrefillWriter.scatter`.
 
         Request r goes to row r. Sets :attr:`lengths` (rows past the requests: 0); the lengths and
         scatter indices are built on the host and copied without a synchronisation.
@@ -144,24 +154,13 @@ class DecodeCache:
         raise RuntimeError("DecodeCache holds a different length per row; call the language model with explicit position_ids and DecodeCache.mask")
 
 
-class PrefillWriter:
-    """The ``cache`` of a packed prefill: each layer's packed keys/values scattered into a :class:`DecodeCache`.
+class PackedPrefillCache:
+    """What transformers' mask code may ask the cache of a packed prefill besides ``update`` (5.24 asks none
+    of it when given a 4-D mask such as ``attention.PACKED_NO_MASK`` and explicit positions, as the engine
+    calls it): no offset, the prefill is the whole sequence; with the varlen attention the mask itself is
+    never built."""
 
-    ``update`` is the one call transformers makes per layer; the other methods answer what its mask
-    code asks of a cache (no offset: the prefill is the whole sequence; with the varlen attention the
-    mask itself is never built).
-    """
-
-    def __init__(self, cache: DecodeCache, rows: Tensor, columns: Tensor):
-        self.cache, self.rows, self.columns = cache, rows, columns
-        self.is_compileable = False
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if key_states.shape[0] != 1 or key_states.shape[2] != self.rows.numel():
-            raise ValueError(f"packed prefill of layer {layer_idx}: expected keys of shape (1, Hkv, {self.rows.numel()}, d), got {tuple(key_states.shape)}")
-        self.cache.keys[layer_idx][self.rows, :, self.columns] = key_states[0].transpose(0, 1)
-        self.cache.values[layer_idx][self.rows, :, self.columns] = value_states[0].transpose(0, 1)
-        return key_states, value_states
+    is_compileable = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -172,6 +171,44 @@ class PrefillWriter:
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
         length = query_length if isinstance(query_length, int) else query_length.shape[0]
         return length, 0
+
+
+class PrefillWriter(PackedPrefillCache):
+    """Writes a packed prefill's keys/values into a :class:`DecodeCache`: as the prefill's ``cache``
+    (:meth:`update`, once per layer, eager) or all layers at once from static buffers (:meth:`scatter`).
+
+    ``rows`` / ``columns``: ``(T,)`` device indices of packed token t in the cache (built on the host).
+    """
+
+    def __init__(self, cache: DecodeCache, rows: Tensor, columns: Tensor):
+        self.cache, self.rows, self.columns = cache, rows, columns
+
+    @property
+    def tokens(self) -> int:
+        """Packed tokens of the prefill (known on the host)."""
+        return self.rows.numel()
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if key_states.shape[0] != 1 or key_states.shape[2] != self.tokens:
+            raise ValueError(f"packed prefill of layer {layer_idx}: expected keys of shape (1, Hkv, {self.tokens}, d), got {tuple(key_states.shape)}")
+        self.cache.keys[layer_idx][self.rows, :, self.columns] = key_states[0].transpose(0, 1)
+        self.cache.values[layer_idx][self.rows, :, self.columns] = value_states[0].transpose(0, 1)
+        return key_states, value_states
+
+    def scatter(self, keys: Tensor, values: Tensor) -> None:
+        """Write every layer's packed keys/values at once: ``(layers, T', Hkv, d)`` with ``T' >= tokens``,
+        the prefill's tokens first in packed order (a padded bucket's padding after them is not written).
+
+        One indexed copy for the keys and one for the values; nothing is read on the host.
+        """
+        buffer = self.cache.key_buffer
+        want = (buffer.shape[0], buffer.shape[2], buffer.shape[4])
+        for name, t in (("keys", keys), ("values", values)):
+            if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != want or t.shape[1] < self.tokens:
+                raise ValueError(f"scatter: {name} must be (layers, T >= {self.tokens}, Hkv, d) with (layers, Hkv, d) = {want}, got {tuple(t.shape)}")
+        # dst[:, rows, :, columns] is (T, layers, Hkv, d): the advanced indices go first
+        self.cache.key_buffer[:, self.rows, :, self.columns] = keys[:, :self.tokens].transpose(0, 1).to(buffer.dtype)
+        self.cache.value_buffer[:, self.rows, :, self.columns] = values[:, :self.tokens].transpose(0, 1).to(buffer.dtype)
 
 
 def decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],

@@ -1,7 +1,7 @@
-"""The decode KV cache (autoselect_fast.kv_cache): the prefill scatter, the per-row decode writes and mask,
-the decode attention against per-row SDPA (float64), and real transformers language models (Llama with
-GQA, Qwen2.5-VL's M-RoPE text model) decoding from it equal to a cache-free forward on each request alone
-(float32, rtol = atol = 1e-5).
+"""The decode KV cache (autoselect_fast.kv_cache): the prefill scatter (layer by layer, and all layers at once
+from a padded bucket's K/V), the per-row decode writes and mask, the decode attention against per-row SDPA
+(float64), and real transformers language models (Llama with GQA, Qwen2.5-VL's M-RoPE text model)
+decoding from it equal to a cache-free forward on each request alone (float32, rtol = atol = 1e-5).
 """
 import inspect
 
@@ -39,6 +39,36 @@ def test_prefill_writer_scatters_each_request_to_its_row():
             assert not cache.keys[layer][r, :, n:].any() and not cache.values[layer][r, :, n:].any()
         assert not cache.keys[layer][3].any()
     assert cache.lengths.tolist() == [3, 5, 1, 0]
+
+
+def test_scatter_of_all_layers_equals_the_per_layer_writes():
+    """PrefillWriter.scatter (the runner's padded path: every layer's K/V of a bucket, padding after the real
+    tokens) writes exactly what update writes layer by layer, into one (layers, B, Hkv, C, d) tensor whose
+    per-layer views are cache.keys / cache.values."""
+    lengths, layers, bucket = [3, 5, 1], 3, 13  # 9 real tokens, 4 padding tokens
+    g = torch.Generator().manual_seed(7)
+    keys, values = (torch.randn(layers, bucket, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    want = DecodeCache(layers, 4, 2, 3, 8, dtype=torch.float64, device="cpu")
+    writer = want.prefill_writer(lengths)
+    for layer in range(layers):
+        writer.update(keys[layer, :9].transpose(0, 1)[None], values[layer, :9].transpose(0, 1)[None], layer)
+    got = DecodeCache(layers, 4, 2, 3, 8, dtype=torch.float64, device="cpu")
+    scatter = got.prefill_writer(lengths)
+    assert scatter.tokens == 9
+    scatter.scatter(keys, values)
+    assert torch.equal(got.key_buffer, want.key_buffer) and torch.equal(got.value_buffer, want.value_buffer)
+    assert torch.equal(got.key_buffer[2, 1, :, :5], keys[2, 3:8].transpose(0, 1))  # request 1, layer 2
+    assert not got.key_buffer[:, 3].any() and not got.key_buffer[:, 2, :, 1:].any()  # the padding tokens went nowhere
+    for layer in range(layers):  # per-layer views: a decode step's write shows in the shared buffer
+        assert got.keys[layer].data_ptr() == got.key_buffer[layer].data_ptr() and got.keys[layer].is_contiguous()
+        assert got.values[layer].data_ptr() == got.value_buffer[layer].data_ptr()
+    got.update(torch.ones(4, 2, 1, 3, dtype=torch.float64), torch.ones(4, 2, 1, 3, dtype=torch.float64), 1)
+    assert (got.key_buffer[1, 0, :, 3] == 1).all() and (got.value_buffer[1, 1, :, 5] == 1).all()
+    assert got.memory_bytes() == 2 * layers * 4 * 2 * 8 * 3 * 8
+    with pytest.raises(ValueError, match=r"keys must be \(layers, T >= 9, Hkv, d\) with \(layers, Hkv, d\) = \(3, 2, 3\), got \(3, 8, 2, 3\)"):
+        scatter.scatter(keys[:, :8], values)
+    with pytest.raises(ValueError, match=r"values must be .* got \(2, 13, 2, 3\)"):
+        scatter.scatter(keys, values[:2])
 
 
 def test_decode_step_writes_at_each_rows_length_and_masks_the_rest():
