@@ -425,16 +425,22 @@ def test_qwen_prefill_reads_no_device_value_without_timings(monkeypatch):
     assert got.kept_tokens == want.kept_tokens and got.kept_tokens[0] < got.visual_tokens[0]
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["eager_prefill", "padded_prefill"])
 @pytest.mark.parametrize("read_every, flag_reads", [(8, 0), (2, 2)])
-def test_generate_reads_only_the_finished_flags_and_its_tokens(monkeypatch, tiny_llava, read_every, flag_reads):
+def test_generate_reads_only_the_finished_flags_and_its_tokens(monkeypatch, tiny_llava, read_every, flag_reads, padded):
     """Besides the prefill (no read), decoding reads the "every request finished" flag every
     ``read_every`` steps (5 tokens: after tokens 2 and 4 with read_every=2, never with 8) and the new
     tokens once, at the end; nothing else (the decode step's 4-D mask is not checked by transformers),
-    and no sync without timings."""
+    and no sync without timings. ``padded``: the runner pads every stage (``RunnerConfig(pad_to_buckets=True)``,
+    what a CUDA graph replays), so the prefill also captures its K/V into the runner's static buffers and
+    scatters them into the decode cache: no read there either."""
     model, scorer = tiny_llava
-    engine, tracker = tracked_engine(monkeypatch, model, scorer, keep=5)
+    config = engine_module.RunnerConfig(pad_to_buckets=True) if padded else None
+    engine, tracker = tracked_engine(monkeypatch, model, scorer, keep=5, runner_config=config)
     requests = llava_requests()
-    want = engine.generate(requests, max_new_tokens=5)
+    want = engine.generate(requests, max_new_tokens=5)  # untracked: creates the static buffers, the K/V capture included
+    for tensor in engine.runner.static_tensors():  # on a GPU they live on the device
+        tracker.mark(tensor)
     with tracker:
         got = engine.generate(requests, max_new_tokens=5, read_every=read_every)
     assert got.token_ids == want.token_ids and got.prefill.timings_ms == {}
@@ -442,6 +448,9 @@ def test_generate_reads_only_the_finished_flags_and_its_tokens(monkeypatch, tiny
     reads = engine_reads(tracker)
     assert all(_made_in(r, "autoselect_fast/engine/decode.py", "decode") for r in reads), [str(r) for r in reads]
     assert [r.what for r in reads] == ["Tensor.__bool__"] * flag_reads + ["Tensor.tolist"]
+    prefill = engine.runner.stats_dict()["prefill"]
+    assert (prefill["padded"], prefill["eager"]) == ((2, {}) if padded else (0, {"not_cuda": 2})), prefill
+    assert (engine.runner.prefill_kv_bytes() > 0) == padded
 
 
 def _one_stage(clock):

@@ -8,7 +8,8 @@ One module per concern (``docs/engine.md``, "Layout"):
 * ``decode``: the decode loop over a static KV cache the prefill fills (CUDA graphs per batch-size bucket);
 * ``outputs``: what the stages return (:class:`PruneResult`, :class:`PrefillOutput`, :class:`GenerateOutput`);
 * ``engine``: :class:`AutoSelectEngine` and its stages;
-* ``runner``: how the device stages execute (eager, padded to buckets, CUDA graphs): :class:`Runner`.
+* ``runner``: how the device stages execute (eager, padded to buckets, CUDA graphs): :class:`Runner`;
+* ``prefill_buffers``: the static buffers of the runner's padded / graphed prefill (and its K/V capture for ``generate``).
 """
 from .backends import SELECTION_BACKENDS, resolve_attention, resolve_packer, resolve_selection_backend
 from .engine import DEFAULT_SCORE_CACHE_SIZE, AutoSelectEngine

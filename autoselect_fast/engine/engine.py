@@ -325,9 +325,9 @@ class AutoSelectEngine:
     def prefill_packed(self, packed: PackedBatch, cache=None, *, rows: Optional[Tensor] = None) -> Tensor:
         """Language model over ``packed`` with varlen attention; returns ``(B, vocab)`` last-token logits.
 
-        ``cache`` is filled with the packed keys/values when given: a transformers ``DynamicCache``, or
-        the writer of a decode cache (``kv_cache.DecodeCache.prefill_writer``); then the runner takes its
-        eager path (a graph cannot write a cache it was not captured with).
+        ``cache`` is filled with the packed keys/values when given: the writer of a decode cache
+        (``kv_cache.DecodeCache.prefill_writer``), filled on the runner's padded / graphed path as well
+        (``Runner.prefill``), or a transformers ``DynamicCache``, filled on its eager path.
         ``rows``: packed token indices whose logits to return instead of each request's last token (eager).
         """
         return self.runner.prefill(packed, cache, rows=rows)
@@ -423,8 +423,8 @@ class AutoSelectEngine:
                 host (the decode loop's only synchronisation; the tokens are read once, at the end).
 
         The prefill writes the kept tokens' keys/values straight into a decode cache sized for this
-        batch (``engine.decode``); decoding continues at each request's largest position + 1 (every
-        M-RoPE row), one more per step.
+        batch (``engine.decode``), on the runner's padded / graphed path when the batch fits a bucket;
+        decoding continues at each request's largest position + 1 (every M-RoPE row), one more per step.
         """
         check_max_new_tokens("max_new_tokens", max_new_tokens)
         eos = stop_set("eos_token_id", eos_token_id)

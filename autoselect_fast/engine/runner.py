@@ -11,7 +11,12 @@ The engine decides what to compute; this module owns how it runs on the device (
   segments), so no real token attends to it and every other layer works token by token; its logits
   are never read. ``max_seqlen`` is the token bucket (a bound for any segment of the batch), fixed
   per graph, and ``cu_seqlens`` lives in a device buffer: nothing inside the captured region reads a
-  value on the host.
+  value on the host. The static buffers live in ``engine.prefill_buffers``. ``generate``'s prefill, which
+  fills a decode cache (a ``kv_cache.PrefillWriter``), takes this path too, as a shape of its own: the
+  step also copies every layer's packed keys/values (padding included) into static
+  ``(layers, T_max, Hkv, d)`` buffers, allocated the first time it runs (their size: see
+  ``engine.prefill_buffers``), and after the step the writer scatters the real tokens into the decode
+  cache (two indexed copies, all layers at once).
 * ``vision`` (:meth:`Runner.encode`): the CLIP tower of LLaVA-1.5 / LLaVA-NeXT over a static pixel
   buffer padded to an image-count bucket (tiles for LLaVA-NeXT); every tile is computed on its own,
   so padding tiles change nothing. Models without a fixed-shape tower (Qwen2.5-VL: its patch count
@@ -23,12 +28,12 @@ The engine decides what to compute; this module owns how it runs on the device (
   mixed sizes, Qwen2.5-VL) cannot share one static shape: the engine's eager path runs them.
 
 Modes (:attr:`Runner.mode`): ``"graphs"`` on CUDA with ``cuda_graphs=True`` (the default there): one
-CUDA graph per shape key, captured on first use (or up front with :meth:`Runner.capture_prefill`) after
-``warmup_calls`` eager calls, all graphs sharing one memory pool, then replayed. ``"padded"``: the same
-static buffers and padding run eagerly, no graph (``pad_to_buckets=True`` on a CPU: this is how the
-padding is tested without a GPU). ``"eager"``: today's path, nothing padded (``cuda_graphs=False``, or a
-CPU without ``pad_to_buckets``). A call that does not fit (above the largest bucket, too many requests,
-a KV cache to fill, images of different N, ...) runs eagerly and is counted with its reason in
+CUDA graph per shape key, captured on first use (or up front with :meth:`Runner.capture_prefill`: the
+prefill shapes without K/V capture) after ``warmup_calls`` eager calls, all graphs sharing one memory
+pool, then replayed. ``"padded"``: the same static buffers and padding run eagerly, no graph
+(``pad_to_buckets=True`` on a CPU: this is how the padding is tested without a GPU). ``"eager"``:
+today's path, nothing padded (``cuda_graphs=False``, or a CPU without ``pad_to_buckets``). A call that does not fit (above the largest bucket, too many requests,
+a ``DynamicCache`` to fill, images of different N, ...) runs eagerly and is counted with its reason in
 :attr:`Runner.stats`.
 
 Threads: the static buffers and graphs are shared, so copy-in, replay and copy-out of every padded or
@@ -52,6 +57,7 @@ from torch import Tensor
 
 from .. import reference
 from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
+from ..kv_cache import PrefillWriter
 from ..packing import PackedBatch
 from ..ragged import cu_seqlens_from_lengths
 from ..reference import Selection
@@ -65,6 +71,7 @@ from .buckets import (
     bucket_for,
     prefill_bucket_schedule,
 )
+from .prefill_buffers import PrefillBuffers, copy_into, fill_inputs
 
 __all__ = [
     "DEFAULT_LARGEST_PREFILL_BUCKET", "DEFAULT_REQUEST_BUCKETS", "DEFAULT_VISION_BUCKETS", "RunnerConfig", "StageStats", "Runner", "prefill_bucket_schedule", "bucket_for",
@@ -78,15 +85,6 @@ class _Slot:
     graph: Any = None
     output: Any = None
     failed: Optional[str] = None
-
-
-def _copy_into(dst: Tensor, src: Tensor) -> None:
-    """``dst.copy_(src)``; a host tensor goes to a CUDA buffer through pinned memory without blocking the host."""
-    if dst.device.type == "cuda" and src.device.type == "cpu":
-        src = src.to(dst.dtype).pin_memory()  # cast first: a casting copy would stage through pageable memory
-        dst.copy_(src, non_blocking=True)
-    else:
-        dst.copy_(src)
 
 
 def _map_tensors(fn: Callable[[Tensor], Tensor], value):
@@ -132,7 +130,7 @@ class Runner:
         self._slots: dict[str, dict[Hashable, _Slot]] = {stage: {} for stage in STAGES}
         self._pool = None
         self._last_use = None  # CUDA event recorded after each padded call's copy-out
-        self._prefill_buffers: Optional[dict] = None
+        self._prefill_buffers: Optional[PrefillBuffers] = None  # allocated by the first padded prefill
         lm = adapter.language_model
         #: the language model's cache argument: renamed from past_key_values to cache in transformers 5.2x
         self.cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -176,7 +174,7 @@ class Runner:
     def static_tensors(self) -> list[Tensor]:
         """Every static buffer (and view of one) the padded / graphed calls read and write, for inspection."""
         with self._lock:
-            out = list((self._prefill_buffers or {}).values())
+            out = self._prefill_buffers.tensors() if self._prefill_buffers is not None else []
             for slots in self._slots.values():
                 out.extend(v for slot in slots.values() for v in slot.inputs.values() if isinstance(v, Tensor))
         return out
@@ -261,15 +259,24 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(self, packed: PackedBatch, cache=None, rows: Optional[Tensor] = None) -> Tensor:
-        """``(B, vocab)`` last-token logits of ``packed``; ``cache`` (a ``DynamicCache``) is filled eagerly;
-        ``rows``: packed token indices whose logits to return instead (eager, counted as ``rows``).
+        """``(B, vocab)`` last-token logits of ``packed``; ``rows``: packed token indices whose logits to
+        return instead (eager, counted as ``rows``).
 
-        Padded / graphed when the batch fits a token bucket and a request bucket and no cache is asked
-        for; otherwise the eager path, counted with its reason in ``stats["prefill"]``.
+        ``cache``: a decode cache's writer (``kv_cache.PrefillWriter``, what ``generate`` gives) is filled
+        on the padded / graphed path too: the step captures every layer's keys/values into static buffers
+        (``engine.prefill_buffers``, allocated on first use) and the writer scatters the real tokens' rows
+        after it. Any other cache (a ``DynamicCache``) is filled eagerly (counted as ``kv_cache``).
+
+        Padded / graphed when the batch fits a token bucket and a request bucket; otherwise the eager
+        path, counted with its reason in ``stats["prefill"]``.
         """
         install_dispatch(self.adapter.language_model.config)  # a no-op unless the model's implementation was switched since
         tokens, requests = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1
-        reason = self._unpaddable() or ("kv_cache" if cache is not None else None) or ("rows" if rows is not None else None)
+        writer = cache if isinstance(cache, PrefillWriter) else None
+        if writer is not None and writer.tokens != tokens:
+            raise ValueError(f"the decode cache writer places {writer.tokens} tokens, the packed batch has {tokens}")
+        reason = (self._unpaddable() or ("kv_cache" if cache is not None and writer is None else None)
+                  or ("rows" if rows is not None else None))
         token_bucket = bucket_for(tokens, self.config.prefill_buckets)
         request_bucket = bucket_for(requests, self.config.request_buckets)
         if reason is None and token_bucket is None:
@@ -281,10 +288,13 @@ class Runner:
             return self._eager_prefill(packed, cache, rows)
         with self._lock:
             self._begin()
-            slot = self._prefill_slot(packed, token_bucket, request_bucket)
-            self._fill_prefill(slot, packed)
-            out, graphed = self._run_slot("prefill", (token_bucket, request_bucket), slot, functools.partial(self._prefill_step, slot))
+            key = (token_bucket, request_bucket) + (("kv",) if writer is not None else ())  # generate's shapes: a graph of their own
+            slot = self._prefill_slot(packed, key, writer)
+            fill_inputs(slot.inputs, packed)
+            out, graphed = self._run_slot("prefill", key, slot, functools.partial(self._prefill_step, slot))
             logits = out[:requests].clone() if graphed else out[:requests]
+            if writer is not None:  # outside the graph: the real tokens' keys/values into the decode cache
+                writer.scatter(self._prefill_buffers.keys, self._prefill_buffers.values)
             self._end()
         return logits
 
@@ -298,60 +308,39 @@ class Runner:
     def _prefill_step(self, slot: _Slot) -> Tensor:
         s = slot.inputs
         with varlen_call(self.attention_backend), self._compile_limit():
-            return self._padded_logits(s["embeds"], s["positions"], s["cu_seqlens"], s["max_seqlen"], s["last"])
+            return self._padded_logits(s["embeds"], s["positions"], s["cu_seqlens"], s["max_seqlen"], s["last"], s.get("kv"))
 
     def _compile_limit(self):
-        """With ``compile_language_model``: room for one compiled graph per prefill shape (Dynamo's default
-        limit of 8 recompilations would silently send later buckets to eager)."""
+        """With ``compile_language_model``: room for one compiled graph per prefill shape, with and without
+        K/V capture (Dynamo's default limit of 8 recompilations would silently send later buckets to eager)."""
         if not self.config.compile_language_model:
             return contextlib.nullcontext()
         import torch._dynamo.config as dynamo_config
 
         name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        shapes = len(self.config.prefill_buckets) * len(self.config.request_buckets)
+        shapes = 2 * len(self.config.prefill_buckets) * len(self.config.request_buckets)
         return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), shapes + 8)})
 
-    def _prefill_slot(self, packed: PackedBatch, token_bucket: int, request_bucket: int) -> _Slot:
-        """The static inputs of one (token bucket, request bucket): views of buffers shared by every bucket."""
-        slots = self._slots["prefill"]
-        key = (token_bucket, request_bucket)
-        if key in slots:
-            return slots[key]
+    def _prefill_slot(self, packed: PackedBatch, key: tuple, writer: Optional[PrefillWriter]) -> _Slot:
+        """The static inputs of one (token bucket, request bucket[, "kv"]): views of buffers shared by every shape."""
+        token_bucket, request_bucket = key[:2]
+        if self._prefill_buffers is None:
+            self._prefill_buffers = PrefillBuffers(self.config.prefill_buckets[-1], self.config.request_buckets[-1], packed.embeds.shape[1],
+                                                   packed.embeds.dtype, self.adapter.position_rows, self.device)
         buffers = self._prefill_buffers
-        hidden, dtype = packed.embeds.shape[1], packed.embeds.dtype
-        if buffers is None:
-            largest, most = self.config.prefill_buckets[-1], self.config.request_buckets[-1]
-            rows = self.adapter.position_rows
-            buffers = self._prefill_buffers = {
-                "embeds": torch.zeros(largest, hidden, dtype=dtype, device=self.device),
-                # padding rows keep whatever positions they last held: valid values that no real token sees
-                "positions": torch.arange(largest, device=self.device).expand(rows, largest).contiguous(),
-                "cu_seqlens": torch.zeros(most + 2, dtype=torch.int32, device=self.device),
-                "last": torch.zeros(most, dtype=torch.int64, device=self.device),
-            }
-        if buffers["embeds"].shape[1] != hidden or buffers["embeds"].dtype != dtype:
-            raise ValueError(f"packed.embeds must be (T, {buffers['embeds'].shape[1]}) {buffers['embeds'].dtype} as earlier batches, got (T, {hidden}) {dtype}")
-        positions = buffers["positions"][:, :token_bucket]
-        slot = _Slot({
-            "embeds": buffers["embeds"][:token_bucket],
-            "positions": positions[0] if positions.shape[0] == 1 else positions,
-            "cu_seqlens": buffers["cu_seqlens"][:request_bucket + 2],
-            "last": buffers["last"][:request_bucket],
-            "max_seqlen": token_bucket,
-        })
-        slots[key] = slot
-        return slot
+        buffers.check(packed)
+        capture = None if writer is None else buffers.kv(writer.cache, token_bucket)  # checks the cache's shapes every call
+        slots = self._slots["prefill"]
+        if key not in slots:
+            inputs = buffers.inputs(token_bucket, request_bucket)
+            if capture is not None:
+                inputs["kv"] = capture
+            slots[key] = _Slot(inputs)
+        return slots[key]
 
-    def _fill_prefill(self, slot: _Slot, packed: PackedBatch) -> None:
-        """Copy the real batch into the slot's static inputs and close the padding segment."""
-        s = slot.inputs
-        tokens, requests, bucket = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1, s["max_seqlen"]
-        _copy_into(s["embeds"][:tokens], packed.embeds)
-        _copy_into(s["positions"][..., :tokens], packed.position_ids.view(s["positions"].shape[:-1] + (tokens,)))
-        _copy_into(s["cu_seqlens"][:requests + 1], packed.cu_seqlens)
-        s["cu_seqlens"][requests + 1:].fill_(bucket)  # the padding segment [T, bucket), then empty segments
-        _copy_into(s["last"][:requests], packed.last_token_index)
-        s["last"][requests:].fill_(bucket - 1)  # rows nobody reads
+    def prefill_kv_bytes(self) -> int:
+        """Bytes of the prefill's K/V capture buffers: 0 until ``generate`` first takes the padded / graphed path."""
+        return 0 if self._prefill_buffers is None else self._prefill_buffers.kv_bytes()
 
     def capture_prefill(self, token_buckets: Optional[Sequence[int]] = None, request_buckets: Optional[Sequence[int]] = None, *,
                         hidden_size: Optional[int] = None) -> int:
@@ -406,7 +395,7 @@ class Runner:
         with self._lock:
             self._begin()
             slot = self._vision_slot(batch, bucket)
-            _copy_into(slot.inputs["pixels"][:count], batch)
+            copy_into(slot.inputs["pixels"][:count], batch)
             step = functools.partial(adapter.tower_features, slot.inputs["pixels"])
             out, graphed = self._run_slot("vision", bucket, slot, step)
             features = out[:count].clone() if graphed else out[:count]
@@ -460,7 +449,7 @@ class Runner:
             torch.cat(list(features), out=s["features"][:count * n])
             if positions is None:
                 positions = reference.default_positions(cu_seqlens_from_lengths([n] * count))
-            _copy_into(s["positions"][..., :count * n], positions.reshape(s["positions"].shape[:-1] + (count * n,)))
+            copy_into(s["positions"][..., :count * n], positions.reshape(s["positions"].shape[:-1] + (count * n,)))
             out, graphed = self._run_slot("prune", (bucket, n, k), slot, functools.partial(self._prune_step, slot))
             scores, sel = out
             keep = count * k
