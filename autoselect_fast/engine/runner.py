@@ -68,7 +68,7 @@ from .buckets import (
 
 __all__ = [
     "DEFAULT_LARGEST_PREFILL_BUCKET", "DEFAULT_REQUEST_BUCKETS", "DEFAULT_VISION_BUCKETS", "RunnerConfig", "StageStats", "Runner", "prefill_bucket_schedule", "bucket_for",
-]
+    "capture_graph", "copy_into"]
 
 @dataclass
 class _Slot:
@@ -80,13 +80,27 @@ class _Slot:
     failed: Optional[str] = None
 
 
-def _copy_into(dst: Tensor, src: Tensor) -> None:
+def copy_into(dst: Tensor, src: Tensor) -> None:
     """``dst.copy_(src)``; a host tensor goes to a CUDA buffer through pinned memory without blocking the host."""
     if dst.device.type == "cuda" and src.device.type == "cpu":
         src = src.to(dst.dtype).pin_memory()  # cast first: a casting copy would stage through pageable memory
         dst.copy_(src, non_blocking=True)
     else:
         dst.copy_(src)
+
+
+def capture_graph(step: Callable[[], Any], device: torch.device, *, pool=None, warmup_calls: int = 2):
+    """``(graph, static output)`` of ``step`` captured after ``warmup_calls`` eager calls on a side stream (library
+    handles, Triton/Inductor compilation); ``pool``: shared with other graphs. Other threads may use CUDA meanwhile."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture
+        for _ in range(warmup_calls):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph(), pool=pool, capture_error_mode="thread_local"):
+        output = step()
+    return graph, output
 
 
 def _map_tensors(fn: Callable[[Tensor], Tensor], value):
@@ -227,17 +241,7 @@ class Runner:
     def _capture(self, step: Callable[[], Any]):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: library handles, Triton and Inductor compilation
-            for _ in range(self.config.warmup_calls):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads may keep using CUDA (eager stages of other calls) during a capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = step()
-        return graph, output
+        return capture_graph(step, self.device, pool=self._pool, warmup_calls=self.config.warmup_calls)
 
     # ---------------------------------------------------------------------------------------------
     # Prefill
@@ -346,11 +350,11 @@ class Runner:
         """Copy the real batch into the slot's static inputs and close the padding segment."""
         s = slot.inputs
         tokens, requests, bucket = packed.embeds.shape[0], packed.cu_seqlens.numel() - 1, s["max_seqlen"]
-        _copy_into(s["embeds"][:tokens], packed.embeds)
-        _copy_into(s["positions"][..., :tokens], packed.position_ids.view(s["positions"].shape[:-1] + (tokens,)))
-        _copy_into(s["cu_seqlens"][:requests + 1], packed.cu_seqlens)
+        copy_into(s["embeds"][:tokens], packed.embeds)
+        copy_into(s["positions"][..., :tokens], packed.position_ids.view(s["positions"].shape[:-1] + (tokens,)))
+        copy_into(s["cu_seqlens"][:requests + 1], packed.cu_seqlens)
         s["cu_seqlens"][requests + 1:].fill_(bucket)  # the padding segment [T, bucket), then empty segments
-        _copy_into(s["last"][:requests], packed.last_token_index)
+        copy_into(s["last"][:requests], packed.last_token_index)
         s["last"][requests:].fill_(bucket - 1)  # rows nobody reads
 
     def capture_prefill(self, token_buckets: Optional[Sequence[int]] = None, request_buckets: Optional[Sequence[int]] = None, *,
@@ -406,7 +410,7 @@ class Runner:
         with self._lock:
             self._begin()
             slot = self._vision_slot(batch, bucket)
-            _copy_into(slot.inputs["pixels"][:count], batch)
+            copy_into(slot.inputs["pixels"][:count], batch)
             step = functools.partial(adapter.tower_features, slot.inputs["pixels"])
             out, graphed = self._run_slot("vision", bucket, slot, step)
             features = out[:count].clone() if graphed else out[:count]
@@ -460,7 +464,7 @@ class Runner:
             torch.cat(list(features), out=s["features"][:count * n])
             if positions is None:
                 positions = reference.default_positions(cu_seqlens_from_lengths([n] * count))
-            _copy_into(s["positions"][..., :count * n], positions.reshape(s["positions"].shape[:-1] + (count * n,)))
+            copy_into(s["positions"][..., :count * n], positions.reshape(s["positions"].shape[:-1] + (count * n,)))
             out, graphed = self._run_slot("prune", (bucket, n, k), slot, functools.partial(self._prune_step, slot))
             scores, sel = out
             keep = count * k
