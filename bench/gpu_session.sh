@@ -9,7 +9,9 @@
 # 3. kernel timings (bench/bench_kernels.py: eager and CUDA-graph GPU timeline), packer vs copy bandwidth,
 #    the pruning module (Scorer + selection) at LLaVA-1.5's size and every selector side by side, the
 #    runner (each stage eager vs its CUDA-graph replay, bench/bench_runner.py),
-# 4. TTFT reports of the full-size presets (llava-1.5-7b, qwen2.5-vl-7b serving) and the training
+# 4. TTFT reports of the full-size presets (llava-1.5-7b, qwen2.5-vl-7b serving; on CUDA each scenario also
+#    times "transformers + CUDA graph", the unmodified model's vision tower and LLM replayed from CUDA
+#    graphs, and tests/test_report_graphed.py's CUDA test runs in step 2) and the training
 #    step's peak memory, random weights; last, the torch.compile entry of the runner benchmark (the
 #    language model compiled inside the graphs, batch 1, K = 64; minutes of compilation).
 # Each step has its own time limit (cut to what is left of the budget) and its log in RESULTS_DIR;

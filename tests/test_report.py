@@ -48,7 +48,8 @@ def test_contenders_agree_on_llava(tiny_setup, lengths):
     torch.testing.assert_close(_logits(R.peers_contender(tiny_setup, requests, 5)), _logits(R.engine_contender(tiny_setup, requests, 5)), **TOL)
 
 
-def test_contenders_agree_on_llava_next_with_different_tile_counts():
+def llava_next_setup():
+    """A tiny LLaVA-NeXT setup (fp32, CPU) and three requests whose images have different tile counts."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(1)
@@ -67,6 +68,11 @@ def test_contenders_agree_on_llava_next_with_different_tile_counts():
         pv, image_size = setup.engine.adapter.process_image(image, processor)
         requests.append(Request([1, 5, 127] + list(range(10, 10 + 4 * i + 2)), pixel_values=pv, image_sizes=image_size))
     assert len({r.pixel_values.shape[0] for r in requests}) > 1  # the baseline pads tiles
+    return setup, requests
+
+
+def test_contenders_agree_on_llava_next_with_different_tile_counts():
+    setup, requests = llava_next_setup()
     base = _logits(R.transformers_contender(setup, requests))
     for name in ("engine", "peers"):
         torch.testing.assert_close(_logits(R.CONTENDERS[name](setup, requests, None)), base, **TOL)
@@ -166,6 +172,12 @@ def test_report_on_tiny_preset(tmp_path):
     text = format_report(saved)
     assert "legend:" in text and "pack" in text and "glue" not in text and "FLOP x" in text and "% padding" in text and "K=2" in text
     assert "GPU busy % and kernels per prefill: not measured" in text and "| prepare ms |" in markdown and "| pack ms |" in markdown
+    # the stronger baseline exists on CUDA only: absent here, one line per scenario saying why, nowhere a row
+    absent = "transformers + CUDA graph: not run (CUDA graphs need a CUDA device; this run is on cpu)"
+    assert [s["absent"] for s in saved["scenarios"]] == [{R.GRAPHED: "CUDA graphs need a CUDA device; this run is on cpu"}] * 2
+    assert text.count(absent) == 2 and markdown.count(absent + ".") == 2 and "| transformers + CUDA graph |" not in markdown
+    headers = [line for line in text.splitlines() if line.lstrip().startswith("config ")]  # 2 scenarios, decode
+    assert len(headers) == 3 and not any("tf+graph" in line for line in headers) and "stronger baseline" not in text
     for r in single["rows"]:  # TTFT counts every stage: the engine's host preparation included
         stages = r["stages"]
         assert set(stages) == set(R.STAGES) and r["gpu"] == {"measured": False, "reason": NOT_MEASURED}

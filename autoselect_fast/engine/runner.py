@@ -75,7 +75,7 @@ from .prefill_buffers import PrefillBuffers, copy_into, fill_inputs
 
 __all__ = [
     "DEFAULT_LARGEST_PREFILL_BUCKET", "DEFAULT_REQUEST_BUCKETS", "DEFAULT_VISION_BUCKETS", "RunnerConfig", "StageStats", "Runner", "prefill_bucket_schedule", "bucket_for",
-]
+    "capture_graph"]
 
 @dataclass
 class _Slot:
@@ -85,6 +85,20 @@ class _Slot:
     graph: Any = None
     output: Any = None
     failed: Optional[str] = None
+
+
+def capture_graph(step: Callable[[], Any], device: torch.device, *, pool=None, warmup_calls: int = 2):
+    """``(graph, static output)`` of ``step`` captured after ``warmup_calls`` eager calls on a side stream (library
+    handles, Triton/Inductor compilation); ``pool``: shared with other graphs. Other threads may use CUDA meanwhile."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture
+        for _ in range(warmup_calls):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph(), pool=pool, capture_error_mode="thread_local"):
+        output = step()
+    return graph, output
 
 
 def _map_tensors(fn: Callable[[Tensor], Tensor], value):
@@ -225,17 +239,7 @@ class Runner:
     def _capture(self, step: Callable[[], Any]):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: library handles, Triton and Inductor compilation
-            for _ in range(self.config.warmup_calls):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads may keep using CUDA (eager stages of other calls) during a capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = step()
-        return graph, output
+        return capture_graph(step, self.device, pool=self._pool, warmup_calls=self.config.warmup_calls)
 
     # ---------------------------------------------------------------------------------------------
     # Prefill

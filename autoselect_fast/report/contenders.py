@@ -9,6 +9,12 @@ per stage.
   ids and the model's own attention.
 * ``engine`` — :class:`~autoselect_fast.engine.AutoSelectEngine`: packed varlen prefill of the kept
   tokens; with every token kept it checks that the engine's own path is as fast as transformers'.
+* ``transformers + CUDA graph`` — a stronger baseline, CUDA only: the unmodified model on the baseline's
+  inputs with its vision tower and its language model each replayed from one CUDA graph
+  (:mod:`.graphed`: what is and is not inside the graphs); every visual token.
+
+A contender that cannot run here raises :class:`ContenderUnavailable` when it is built (``transformers +
+CUDA graph`` on a CPU, or when a capture fails): the scenario leaves it out and says why.
 
 Stages (:data:`STAGES`): ``prepare`` (host preparation: prompt checks, placeholder expansion, position
 ids), ``vision``, ``prune`` (Scorer + selection), ``pack`` (projector, embeddings, positions, packing
@@ -31,6 +37,7 @@ from ..modules import Scorer
 from ..presets import Preset
 from ..timing import Stopwatch
 from .flops import count_flops, flop_counter, module_flops
+from .graphed import GRAPHED, GRAPHS_NEED_CUDA, GraphedModel
 from .model_inputs import model_inputs
 
 STAGES = ("prepare", "vision", "prune", "pack", "prefill", "total")
@@ -69,6 +76,10 @@ class BenchSetup:
         if isinstance(keep, float):
             return AutoSelectEngine(self.model, self.scorer, keep_ratio=keep, score_cache_size=0)
         return AutoSelectEngine(self.model, self.scorer, keep=keep, score_cache_size=0)
+
+
+class ContenderUnavailable(RuntimeError):
+    """A contender cannot run on this setup (the message says why); the report leaves it out and says so."""
 
 
 @dataclass
@@ -246,8 +257,50 @@ def transformers_contender(setup: BenchSetup, requests: list[Request], keep: Kee
     return Contender(BASELINE, None, run, flops, lengths, inputs["input_ids"].numel())
 
 
+def graphed_contender(setup: BenchSetup, requests: list[Request], keep: Keep = None) -> Contender:
+    """``transformers + CUDA graph``: the baseline's inputs (built before the timer, as for it), then per run
+    host preparation, the vision graph, the eager merge and the LLM graph (:class:`~.graphed.GraphedModel`).
+
+    Stages as the baseline's: ``prepare`` 0 (its inputs are ready-made), ``vision`` the tower's host
+    preparation, copy-in and graph, ``prefill`` the copy-in, LLM graph and logits copy-out, ``pack`` the
+    rest (embeddings, placeholder merge, positions). The graphs are captured here, untimed. Raises
+    :class:`ContenderUnavailable` off CUDA or when a capture fails."""
+    if keep is not None:
+        raise ValueError(f"{GRAPHED} keeps every visual token, got keep={keep}")
+    if setup.device.type != "cuda":
+        raise ContenderUnavailable(GRAPHS_NEED_CUDA.format(device=setup.device.type))
+    inputs = model_inputs(setup.engine.adapter, setup.engine.prepare(requests))
+    graphed = GraphedModel(setup.model, setup.engine.adapter, inputs)
+    try:
+        graphed.capture()
+    except Exception as exc:  # noqa: BLE001 - the scenario reports the contender as absent, with this reason
+        raise ContenderUnavailable(f"CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+
+    @torch.inference_mode()
+    def run():
+        clock = Stopwatch(setup.device)
+        with clock.stage("total"):
+            with clock.stage("vision"):
+                features = graphed.encode()
+            with clock.stage("pack"):
+                lm_inputs = graphed.lm_inputs(features)
+            with clock.stage("prefill"):
+                logits = graphed.prefill(lm_inputs)
+        ms = {"prepare": 0.0, "vision": clock.ms["vision"], "prune": 0.0, "prefill": clock.ms["prefill"], "total": clock.ms["total"]}
+        ms["pack"] = ms["total"] - ms["vision"] - ms["prefill"]
+        return ms, logits
+
+    @torch.inference_mode()
+    def flops():
+        return count_flops(graphed.lm_step)  # the LLM graph's body, eagerly, on the batch in its static buffers
+
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    return Contender(GRAPHED, None, run, flops, lengths, inputs["input_ids"].numel())
+
+
 CONTENDERS: dict[str, Callable[[BenchSetup, list[Request], Keep], Contender]] = {
     "transformers": transformers_contender,
+    GRAPHED: graphed_contender,
     "peers": peers_contender,
     "engine": engine_contender,
 }

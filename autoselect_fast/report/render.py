@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .contenders import BASELINE, Keep
+from .graphed import GRAPHED
 
 LEGEND = (
     "legend: config = visual tokens kept per image (all N, or K); seq = longest LLM sequence of the batch "
@@ -16,7 +17,9 @@ LEGEND = (
     "language model + lm_head on the last token; TTFT = time from the requests to first-token logits, every "
     "stage included; GFLOPs = LLM prefill FLOPs as executed; TTFT x / prefill x = baseline time / this time; "
     "FLOP x = baseline FLOPs / these FLOPs (the speedup less work explains); '!' = speedup above FLOP x "
-    "(suspect); all times: median [min-max] over the repeats, ms."
+    f"(suspect); {GRAPHED} (CUDA only) = the unmodified model with its vision tower and its LLM each replayed "
+    f"from one CUDA graph; TTFT x tf+graph = {GRAPHED}'s TTFT / the engine's; all times: median [min-max] over "
+    "the repeats, ms."
 )
 
 
@@ -45,16 +48,20 @@ def report_summary(report: dict) -> list[str]:
     lines = []
     for s in report["scenarios"]:
         base = s["rows"][0]
-        full = _row(s, "engine", None)
-        if full is not None:
-            lines.append(f"{s['name']}: engine with every token kept takes {full['stages']['total']['median_ms'] / base['stages']['total']['median_ms']:.2f}x "
-                         f"the TTFT of {base['contender']} (LLM prefill {full['stages']['prefill']['median_ms'] / base['stages']['prefill']['median_ms']:.2f}x)")
+        for name in (GRAPHED, "engine"):
+            full = _row(s, name, None)
+            if full is not None:
+                vs_graphed = f"; {1 / full['ttft_speedup_vs_graphed']:.2f}x the TTFT of {GRAPHED}" if "ttft_speedup_vs_graphed" in full else ""
+                lines.append(f"{s['name']}: {'engine with every token kept' if name == 'engine' else name} takes "
+                             f"{full['stages']['total']['median_ms'] / base['stages']['total']['median_ms']:.2f}x the TTFT of {base['contender']} "
+                             f"(LLM prefill {full['stages']['prefill']['median_ms'] / base['stages']['prefill']['median_ms']:.2f}x){vs_graphed}")
         for r in s["rows"]:
             if r["contender"] == "engine" and r["keep"] is not None:
                 x = r["speedup"]
+                vs_graphed = f"; against {GRAPHED}: TTFT {r['ttft_speedup_vs_graphed']:.2f}x" if "ttft_speedup_vs_graphed" in r else ""
                 vs_peers = f"; against the peers' padded batch: TTFT {r['ttft_speedup_vs_peers']:.2f}x (theirs / ours)" if "ttft_speedup_vs_peers" in r else ""
                 lines.append(f"{s['name']}: engine {_config(r)}: prefill {x['prefill']:.2f}x, TTFT {x['ttft']:.2f}x faster than {base['contender']}; "
-                             f"FLOP ratio {x['flops_ratio']:.2f}x (prefill speedup = {x['prefill'] / x['flops_ratio']:.2f} of it){vs_peers}")
+                             f"FLOP ratio {x['flops_ratio']:.2f}x (prefill speedup = {x['prefill'] / x['flops_ratio']:.2f} of it){vs_graphed}{vs_peers}")
     for d in report.get("decode", []):
         base = d["rows"][0]
         for r in d["rows"][1:]:
@@ -95,23 +102,35 @@ def _cell(stage: dict, width: int) -> str:
     return f"{stage['median_ms']:.{digits}f} [{stage['min_ms']:.{digits}f}-{stage['max_ms']:.{digits}f}]".rjust(width)
 
 
+def _vs_graphed(scenario: dict) -> bool:
+    return any("ttft_speedup_vs_graphed" in r for r in scenario["rows"])
+
+
+def _absent(scenario: dict) -> list[str]:
+    """One line per contender the scenario left out, with the reason."""
+    return [f"{name}: not run ({reason})" for name, reason in scenario.get("absent", {}).items()]
+
+
 def format_scenario(scenario: dict) -> str:
-    gpu = _gpu_measured(scenario)
+    gpu, graphed = _gpu_measured(scenario), _vs_graphed(scenario)
+    width = max(12, *(len(r["contender"]) for r in scenario["rows"]))
     lines = [
         f"scenario {scenario['name']}: {scenario['description']}; baseline = {scenario['baseline']}",
-        f"{'config':>7} {'contender':>12} {'seq':>5} {'padded':>7} {'prepare':>15} {'vision':>17} {'pruning':>15} {'pack':>15} "
+        f"{'config':>7} {'contender':>{width}} {'seq':>5} {'padded':>7} {'prepare':>15} {'vision':>17} {'pruning':>15} {'pack':>15} "
         f"{'LLM prefill':>21} {'TTFT':>21} {'GFLOPs':>7} {'prefill x':>9} {'TTFT x':>7} {'FLOP x':>6}"
-        + (f" {'GPU busy':>8} {'kernels':>7}" if gpu else ""),
+        + (f" {'TTFT x tf+graph':>15}" if graphed else "") + (f" {'GPU busy':>8} {'kernels':>7}" if gpu else ""),
     ]
     for r in scenario["rows"]:
         s, x = r["stages"], r["speedup"]
         mark = {k: "!" if k in r["suspect"] else " " for k in ("ttft", "prefill")}
+        vs_graphed = f"{r['ttft_speedup_vs_graphed']:.2f}" if "ttft_speedup_vs_graphed" in r else "-"
         lines.append(
-            f"{_config(r):>7} {r['contender']:>12} {max(r['sequence_lengths']):>5} {r['llm_tokens']:>7} {_cell(s['prepare'], 15)} "
+            f"{_config(r):>7} {r['contender']:>{width}} {max(r['sequence_lengths']):>5} {r['llm_tokens']:>7} {_cell(s['prepare'], 15)} "
             f"{_cell(s['vision'], 17)} {_cell(s['prune'], 15)} {_cell(s['pack'], 15)} {_cell(s['prefill'], 21)} {_cell(s['total'], 21)} "
             f"{r['prefill_flops'] / 1e9:>7.1f} {x['prefill']:>8.2f}{mark['prefill']} {x['ttft']:>6.2f}{mark['ttft']} {x['flops_ratio']:>6.2f}"
-            + (f" {r['gpu']['busy_pct']:>7.0f}% {r['gpu']['kernels']:>7}" if gpu else "")
+            + (f" {vs_graphed:>15}" if graphed else "") + (f" {r['gpu']['busy_pct']:>7.0f}% {r['gpu']['kernels']:>7}" if gpu else "")
         )
+    lines += _absent(scenario)
     if not gpu:
         lines.append(f"GPU busy % and kernels per prefill: {_not_measured(scenario)}")
     for r in scenario["rows"]:
@@ -122,10 +141,12 @@ def format_scenario(scenario: dict) -> str:
                      "per-request TTFT = the batch's TTFT above):")
         seqs = {(r["contender"], r["keep"]): r["sequence_lengths"] for r in scenario["rows"]}
         keys = list(seqs)
-        lines.append(f"{'request':>8} {'text':>5} {'N':>5} " + " ".join(f"{name + ' ' + keep_label(k):>16}" for name, k in keys)
+        labels = [f"{name} {keep_label(k)}" for name, k in keys]
+        column = max(16, *(len(label) for label in labels))
+        lines.append(f"{'request':>8} {'text':>5} {'N':>5} " + " ".join(f"{label:>{column}}" for label in labels)
                      + "   (LLM tokens of the request)")
         for i, (text, n) in enumerate(zip(scenario["text_tokens"], scenario["visual_tokens"])):
-            lines.append(f"{i:>8} {text:>5} {n:>5} " + " ".join(f"{seqs[key][i]:>16}" for key in keys))
+            lines.append(f"{i:>8} {text:>5} {n:>5} " + " ".join(f"{seqs[key][i]:>{column}}" for key in keys))
         for r in scenario["rows"]:
             real = sum(r["sequence_lengths"])
             lines.append(f"  {r['contender']} {_config(r)}: {real} real tokens, LLM runs over {r['llm_tokens']} "
@@ -172,6 +193,7 @@ def format_report(report: dict) -> str:
         f"{report['preset']} | {env['device']} | torch {env['torch']} | {report['dtype']} | N = {report['shapes']['visual_tokens_per_image']} | "
         f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up [min-max], ms",
         f"baseline: {report['baseline']}",
+        *_graphed_line(report),
         LEGEND,
     ]
     for scenario in report["scenarios"]:
@@ -191,6 +213,12 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _graphed_line(report: dict) -> list[str]:
+    """The stronger baseline's description, when some scenario ran it."""
+    ran = any(_row(s, GRAPHED, None) is not None for s in report["scenarios"])
+    return [f"stronger baseline: {report['graphed_baseline']}"] if ran and "graphed_baseline" in report else []
+
+
 def format_markdown(report: dict) -> str:
     """The README's tables: one per scenario, medians in ms, then the summary and any warnings."""
     env = report["environment"]
@@ -198,22 +226,26 @@ def format_markdown(report: dict) -> str:
         f"`{report['preset']}` preset, {env['device']}, torch {env['torch']}, transformers {env['transformers']}, {report['dtype']}; "
         f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up (min-max in the JSON). "
         f"Baseline: {report['baseline']}.",
+        *(f"{line[0].upper()}{line[1:]}." for line in _graphed_line(report)),
     ]
     for s in report["scenarios"]:
-        gpu = _gpu_measured(s)
+        gpu, graphed = _gpu_measured(s), _vs_graphed(s)
         out += ["", f"**{s['name']}** ({s['description']}):", "",
                 "| config | contender | LLM seq | LLM tokens | prepare ms | vision ms | pruning ms | pack ms | LLM prefill ms | TTFT ms "
-                "| prefill GFLOPs | prefill × | TTFT × | FLOP × |" + (" GPU busy | kernels |" if gpu else ""),
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
+                "| prefill GFLOPs | prefill × | TTFT × | FLOP × |" + (f" TTFT × {GRAPHED} |" if graphed else "") + (" GPU busy | kernels |" if gpu else ""),
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if graphed else "") + ("---|---|" if gpu else "")]
         for r in s["rows"]:
             st, x = r["stages"], r["speedup"]
             mark = {k: " (!)" if k in r["suspect"] else "" for k in ("ttft", "prefill")}
+            vs_graphed = f" {r['ttft_speedup_vs_graphed']:.2f}× |" if "ttft_speedup_vs_graphed" in r else " – |"
             out.append(
                 f"| {_config(r)} | {r['contender']} | {max(r['sequence_lengths'])} | {r['llm_tokens']} | {st['prepare']['median_ms']:.1f} | "
                 f"{st['vision']['median_ms']:.1f} | {st['prune']['median_ms']:.2f} | {st['pack']['median_ms']:.1f} | {st['prefill']['median_ms']:.1f} | "
                 f"{st['total']['median_ms']:.1f} | {r['prefill_flops'] / 1e9:.1f} | {x['prefill']:.2f}×{mark['prefill']} | {x['ttft']:.2f}×{mark['ttft']} | "
-                f"{x['flops_ratio']:.2f}× |" + (f" {r['gpu']['busy_pct']:.0f} % | {r['gpu']['kernels']} |" if gpu else "")
+                f"{x['flops_ratio']:.2f}× |" + (vs_graphed if graphed else "") + (f" {r['gpu']['busy_pct']:.0f} % | {r['gpu']['kernels']} |" if gpu else "")
             )
+        for line in _absent(s):
+            out += ["", f"{line}."]
         if not gpu:
             out += ["", f"GPU busy % and kernels per prefill: {_not_measured(s)}."]
     for d in report.get("decode", []):
@@ -242,7 +274,7 @@ def plot_report(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4), squeeze=False)
     single = scenarios[0]
     ax = axes[0][0]
-    colours = {"transformers": "tab:gray", "engine": "tab:blue", "peers": "tab:orange"}
+    colours = {"transformers": "tab:gray", GRAPHED: "tab:green", "engine": "tab:blue", "peers": "tab:orange"}
     for name in ("engine", "peers"):
         pruned = [r for r in single["rows"] if r["contender"] == name and r["keep"] is not None]
         if pruned:

@@ -12,6 +12,7 @@ from ..progress import heartbeat
 from ..timing import NOISE_MAX_OVER_MIN, environment
 from .contenders import BenchSetup
 from .decode import run_decode
+from .graphed import GRAPHED_DESCRIPTION
 from .render import format_markdown, format_report, plot_report, report_summary, report_warnings
 from .scenarios import build_scenarios, pruning_module_alone, run_scenario
 from .settings import ReportPlan, ReportSettings
@@ -57,6 +58,7 @@ def run_report(settings: ReportSettings, plan: Optional[ReportPlan] = None) -> d
         "repeats": settings.repeats,
         "baseline": (f"transformers: unmodified {type(setup.model).__name__}.forward (attn_implementation="
                      f"{setup.model.config._attn_implementation}, its own left-padded batch, logits_to_keep=1, no KV cache)"),
+        "graphed_baseline": GRAPHED_DESCRIPTION,
         "shapes": {
             "image_size": list(preset.image_size),
             "visual_tokens_per_image": plan.visual_tokens,

@@ -1,25 +1,29 @@
 """The report's scenarios and how each is timed.
 
 A scenario is a list of ``(contender name, keep)`` configurations over one list of requests; the first
-configuration is its baseline. ``single``: ``batch`` requests of the preset's prompt shape, the full
-model and every budget K. ``mixed``: requests whose prompts hold different numbers of text tokens, at
-the smallest K (what packing buys over padding). ``serving`` (native-resolution presets, Qwen2.5-VL):
-images of different resolutions, so different N_i, and prompts of different lengths, at keep ratios.
+configuration is its baseline, the second ``transformers + CUDA graph`` (the stronger baseline, CUDA
+only). ``single``: ``batch`` requests of the preset's prompt shape, the full model and every budget K.
+``mixed``: requests whose prompts hold different numbers of text tokens, at the smallest K (what
+packing buys over padding). ``serving`` (native-resolution presets, Qwen2.5-VL): images of different
+resolutions, so different N_i, and prompts of different lengths, at keep ratios.
 
 :func:`run_scenario` times the configurations interleaved (one prefill of each per round, so every
-contender sees the same machine state), then computes ratios against the baseline and flags a speedup
-above the FLOP ratio as suspect and a wide spread as noisy.
+contender sees the same machine state), then computes ratios against the baseline (and the engine's
+TTFT against ``transformers + CUDA graph`` and the peers where they ran) and flags a speedup above the
+FLOP ratio as suspect and a wide spread as noisy. A contender that cannot run here
+(:class:`~.contenders.ContenderUnavailable`) is left out, with its reason under ``absent``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..engine import Request
 from ..timing import is_noisy, summarize
-from .contenders import CONTENDERS, STAGES, BenchSetup, Contender, Keep
+from .contenders import CONTENDERS, STAGES, BenchSetup, Contender, ContenderUnavailable, Keep
+from .graphed import GRAPHED, GRAPHS_NEED_CUDA
 from .profile import kernel_profile
 from .pruning import pruning_calls, time_pruning_module
 from .render import keep_label
@@ -46,13 +50,20 @@ class Scenario:
     configs: list[tuple[str, Keep]]  # (contender, keep); the first is the baseline
     text_tokens: list[int]  # per request, its prompt's text tokens
     visual_tokens: list[int]  # per request, N of its image(s) before pruning
+    absent: dict[str, str] = field(default_factory=dict)  # contenders left out on this device -> why
 
     @classmethod
     def of(cls, setup: BenchSetup, name: str, description: str, requests: list[Request], configs: list[tuple[str, Keep]]) -> "Scenario":
-        """A scenario with its requests' token counts taken from the setup's engine."""
+        """A scenario with its requests' token counts taken from the setup's engine; after the baseline
+        ``transformers + CUDA graph`` on CUDA, and elsewhere the reason it is absent."""
         engine = setup.engine
+        absent = {}
+        if setup.device.type == "cuda":
+            configs = configs[:1] + [(GRAPHED, None)] + configs[1:]
+        else:
+            absent[GRAPHED] = GRAPHS_NEED_CUDA.format(device=setup.device.type)
         return cls(name, description, requests, configs, [request_text_tokens(engine, r) for r in requests],
-                   request_visual_tokens(engine, requests))
+                   request_visual_tokens(engine, requests), absent)
 
 
 def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings, bar,
@@ -62,7 +73,14 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
     ``contenders``: the contender builders by name (default :data:`~.contenders.CONTENDERS`).
     """
     builders = CONTENDERS if contenders is None else contenders
-    runs = [builders[name](setup, scenario.requests, keep) for name, keep in scenario.configs]
+    runs, absent = [], dict(scenario.absent)
+    for name, keep in scenario.configs:
+        try:
+            runs.append(builders[name](setup, scenario.requests, keep))
+        except ContenderUnavailable as exc:
+            absent[name] = str(exc)
+            if getattr(bar, "total", None) is not None:  # its rounds will not run
+                bar.total -= settings.warmup + settings.repeats
     samples: list[dict[str, list[float]]] = [{stage: [] for stage in STAGES} for _ in runs]
     for round_ in range(settings.warmup + settings.repeats):
         for c, store in zip(runs, samples):
@@ -86,6 +104,7 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
             "gpu": kernel_profile(c.run, torch.device(settings.device), stages["total"]["median_ms"]),
         })
     base = rows[0]
+    graphed = next((p for p in rows if p["contender"] == GRAPHED), None)
     for r in rows:
         r["speedup"] = {
             "ttft": base["stages"]["total"]["median_ms"] / r["stages"]["total"]["median_ms"],
@@ -98,6 +117,8 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
         peers = next((p for p in rows if p["contender"] == "peers" and p["keep"] == r["keep"]), None)
         if r["contender"] == "engine" and peers is not None:
             r["ttft_speedup_vs_peers"] = peers["stages"]["total"]["median_ms"] / r["stages"]["total"]["median_ms"]
+        if r["contender"] == "engine" and graphed is not None:
+            r["ttft_speedup_vs_graphed"] = graphed["stages"]["total"]["median_ms"] / r["stages"]["total"]["median_ms"]
     return {
         "name": scenario.name,
         "description": scenario.description,
@@ -106,6 +127,7 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
         "visual_tokens": scenario.visual_tokens,
         "baseline": base["contender"],
         "rows": rows,
+        "absent": absent,
     }
 
 
@@ -133,8 +155,8 @@ def build_scenarios(setup: BenchSetup, settings: ReportSettings, plan: ReportPla
 
 
 def serving_scenario(setup: BenchSetup, batch: int, ratios: Sequence[float] = SERVING_RATIOS) -> Scenario:
-    """``batch`` requests of mixed image sizes and prompt lengths: (a) transformers' padded batch, (b)
-    the engine with every token, (c) the engine at each keep ratio."""
+    """``batch`` requests of mixed image sizes and prompt lengths: (a) transformers' padded batch (and the
+    same with CUDA graphs), (b) the engine with every token, (c) the engine at each keep ratio."""
     requests = serving_requests(setup.engine, setup.preset, batch)
     configs = [("transformers", None), ("engine", None)] + [("engine", float(r)) for r in ratios]
     scenario = Scenario.of(setup, "serving", "", requests, configs)
