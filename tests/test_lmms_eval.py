@@ -3,7 +3,7 @@
 Runs where lmms-eval is installed (``.ci/eval_env.sh``: its own virtual environment); skipped elsewhere.
 
 * ``python -m lmms_eval --model autoselect ... --tasks autoselect_shapes --limit 32`` (a subprocess, as a
-  user types it) for a tiny LLaVA-1.5 and a tiny Qwen2.5-VL: the accuracy it reports equals the engine's
+  user types it) for a tiny LLaVA-1.5, a tiny LLaVA-NeXT and a tiny Qwen2.5-VL: the accuracy it reports equals the engine's
   direct answers to the same questions (same answers, same count).
 * Every token kept through the eval model answers as transformers' own ``generate`` does.
 * ``--force_simple --tasks autoselect_shapes_mc``: log-likelihood scoring equals the model's own loss.
@@ -21,7 +21,7 @@ import torch
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here (it has its own environment: .ci/eval_env.sh)")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_checkpoints import save_qwen2_5_vl, save_scorer  # noqa: E402
+from tiny_checkpoints import save_llava_next, save_qwen2_5_vl, save_scorer  # noqa: E402
 
 from autoselect_fast.engine import AutoSelectEngine, Request  # noqa: E402
 from autoselect_fast.eval import TASKS_DIR  # noqa: E402
@@ -49,6 +49,8 @@ def files(tmp_path_factory):
         "scorer": save_scorer(str(root / "scorer"), input_dim=64),
         "qwen": save_qwen2_5_vl(str(root / "qwen2_5_vl")),  # 56 px images: 2x2 groups of 28 px
         "qwen_scorer": save_scorer(str(root / "scorer128"), input_dim=128),
+        "next": save_llava_next(str(root / "llava_next")),  # 56 px tiles of 16 tokens: a 56 px image is a 2x2 grid + base
+        "next_scorer": save_scorer(str(root / "scorer32"), input_dim=32),
         "root": root,
     }
 
@@ -115,7 +117,7 @@ def engine_answers(model_dir, scorer_dir, keep, docs, *, max_new_tokens=3):
     return [checkpoint.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_ids]
 
 
-@pytest.mark.parametrize("model,scorer,keep", [("llava", "scorer", 8), ("qwen", "qwen_scorer", 2)])
+@pytest.mark.parametrize("model,scorer,keep", [("llava", "scorer", 8), ("next", "next_scorer", 8), ("qwen", "qwen_scorer", 2)])
 def test_command_line_accuracy_equals_engine_answers(files, tmp_path, model, scorer, keep):
     args = f"pretrained={files[model]},scorer={files[scorer]},keep={keep},device=cpu,dtype=fp32"
     results, samples = run_lmms_eval(tmp_path, args)

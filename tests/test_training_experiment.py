@@ -1,8 +1,8 @@
-"""The learning experiment in a shortened form: a trained Scorer must beat random, norm and VisionZip-style selection.
+"""The learning experiment in a shortened form: a trained Scorer must beat random, norm, VisionZip-style and DivPrune selection.
 
 Same code path as ``python -m autoselect_fast.training.experiment`` (synthetic task, tiny LLaVA
 pretrained with every token, Scorer + Denoiser trained at K = N/8, hard top-K), with fewer samples and
-steps and without the ablations (about 1-2 minutes on a quiet 2-core CPU). Here the answers go
+steps, two training seeds and without the ablations (about 2-4 minutes on a 2-core CPU). Here the answers go
 directly through ``AutoSelectEngine`` (``through="engine"``); ``tests/test_lmms_eval.py`` runs the same
 experiment through the lmms-eval model where lmms-eval is installed. The full run's numbers are in the README.
 """
@@ -11,27 +11,30 @@ import torch
 from autoselect_fast.training.experiment import TRAINING_FREE, ExperimentSettings, run_experiment
 
 CI_SETTINGS = dict(
-    train_samples=1200, test_samples=120, pretrain_steps=300, steps=80, batch_size=16, ablations=False, plot=False, progress=False,
-    threads=1, backend="reference",  # the Triton interpreter (TRITON_INTERPRET=1 in tests) would take minutes here
+    train_samples=2000, test_samples=120, pretrain_steps=600, steps=600, batch_size=16, scorer_seeds=2, ablations=False, plot=False,
+    progress=False, threads=1, backend="reference",  # the Triton interpreter (TRITON_INTERPRET=1 in tests) would take minutes here
 )
 
 
 def check_learning(result: dict) -> None:
     s, methods = result["summary"], result["methods"]
     assert result["frozen_vlm_bit_identical"]
-    assert s["every_token_accuracy"] >= 0.6, s  # the VLM learned the task with every token
-    assert s["trained_minus_random_points"] >= 20, s  # learning: the trained Scorer finds the answer token
-    assert methods["trained"]["target_kept_rate"] >= methods["random"]["target_kept_rate"] + 0.3, methods
-    # Above random, norm and the VisionZip-style selector. DivPrune is not asserted against: on this task it
-    # keeps the answer token almost always (the answer is the image's most unusual token) and matched or
-    # beat the trained Scorer in the full run (README, "Does the Scorer learn?").
-    accuracies = {m: methods[m]["accuracy"] for m in ("every token", "trained", *TRAINING_FREE)}
-    for name in ("random", "norm", "visionzip"):
-        assert s["trained_accuracy"] >= methods[name]["accuracy"] + 0.2, accuracies
-    assert set(methods) == {"every token", "trained", *TRAINING_FREE}
+    assert s["every_token_accuracy"] >= 0.9, s  # the VLM learned the task with every token
+    accuracies = {m: methods[m]["accuracy"] for m in methods}
+    assert set(methods) == {"every token", "trained", "trained seed 1", *TRAINING_FREE}, accuracies
+    # Learning: every seed's Scorer finds the answer token far more often than random selection, and is
+    # well above random, norm and the VisionZip-style selector.
+    for label in ("trained", "trained seed 1"):
+        assert methods[label]["target_kept_rate"] >= methods["random"]["target_kept_rate"] + 0.3, accuracies
+        for name in ("random", "norm", "visionzip"):
+            assert methods[label]["accuracy"] >= methods[name]["accuracy"] + 0.2, accuracies
+    # Above DivPrune too: on this task (decoy squares and pluses as unusual as the diamond) diversity is not
+    # enough. Training at this length fails now and then (README, "Does the Scorer learn?": the full run
+    # reports every seed), so here the better of two seeds must beat DivPrune by 5 points.
+    assert s["trained_best_seed_accuracy"] >= methods["divprune"]["accuracy"] + 0.05, accuracies
 
 
-def test_trained_scorer_beats_random_norm_and_visionzip(tmp_path):
+def test_trained_scorer_beats_the_training_free_selectors(tmp_path):
     threads = torch.get_num_threads()
     settings = ExperimentSettings(tag="ci", out_dir=str(tmp_path), through="engine", **CI_SETTINGS)
     try:

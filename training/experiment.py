@@ -5,11 +5,13 @@ One command (CPU; needs the ``eval`` extra, lmms-eval; see the README for its ru
     python -m autoselect_fast.training.experiment --out-dir bench/results
 
 1. Generate the synthetic "which colour?" task (``training.synthetic``: one of N = 64 tokens holds the
-   answer, 12 hold achromatic distractors).
+   answer, a solid diamond; 12 hold striped distractors and 8 hold decoys, solid squares and pluses as
+   unusual as the diamond, in random colours).
 2. Pretrain a tiny LLaVA (real transformers classes) on it with every token; freeze it and save it as
    a checkpoint directory with its processor.
-3. Train Scorer + Denoiser at K = N/8 with ``training.Trainer`` (VP gate, identity-mask Denoiser), and
-   the paper's two ablations (scale gate ``x·α``; Denoiser with global attention).
+3. Train Scorer + Denoiser at K = N/8 with ``training.Trainer`` (VP gate, identity-mask Denoiser) with
+   ``scorer_seeds`` training seeds (rows "trained", "trained seed s"; the summary holds the worst of
+   them), and the paper's two ablations (scale gate ``x·α``; Denoiser with global attention).
 4. Answer the held-out questions with every token, the trained Scorers and the training-free selectors
    (``autoselect_fast.selectors``: random, norm, DivPrune, VisionZip-style), each at K = N/8:
    through the lmms-eval model ``autoselect`` on the offline task ``autoselect_shapes`` holding exactly
@@ -32,6 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..validation import is_int
 from . import synthetic as S
 from .config import TrainConfig
 from .data import SampleList
@@ -50,11 +53,13 @@ class ExperimentSettings:
     train_samples: int = 3000
     test_samples: int = 400
     distractors: int = 12
+    decoys: int = 8  # solid squares and pluses besides the diamond (0: the first task, one solid shape of any kind)
     pretrain_steps: int = 1000
     pretrain_batch: int = 32
     pretrain_lr: float = 1e-3
     keep: int = 8  # K = N/8 of N = 64
-    steps: int = 300
+    steps: int = 1000  # 300 steps failed on 4 of 4 seeds, 600 on some (README, "Does the Scorer learn?")
+    scorer_seeds: int = 3  # training seeds of the main Scorer (seed, seed + 1, ...)
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -78,6 +83,11 @@ class ExperimentSettings:
 # --------------------------------------------------------------------------------------------------
 TRAINING_FREE = ("random", "norm", "divprune", "visionzip")  # selectors at K = N/8, besides the trained Scorers
 THROUGH = ("lmms-eval", "engine")
+
+
+def seed_label(index: int, first_seed: int) -> str:
+    """The table's row of the main Scorer trained with seed ``first_seed + index`` ("trained" for the first)."""
+    return "trained" if index == 0 else f"trained seed {first_seed + index}"
 
 
 def evaluate(model, scorer, keep: Optional[int], samples: list, batch: int = 50, backend: str = "auto", *,
@@ -138,12 +148,13 @@ def evaluate_lmms(task_dir: str, model_dir: str, *, scorer_dir: Optional[str], k
 # --------------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------------
-def train_scorer(model, train_set, settings: ExperimentSettings, run_dir: str, *, gate: str = "vp", denoiser_attention: str = "identity") -> tuple[str, dict, float]:
+def train_scorer(model, train_set, settings: ExperimentSettings, run_dir: str, *, gate: str = "vp", denoiser_attention: str = "identity",
+                 seed: Optional[int] = None) -> tuple[str, dict, float]:
     config = TrainConfig(
         output_dir=run_dir, keep=settings.keep, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
         warmup_steps=settings.warmup_steps, tau_start=settings.tau_start, tau_end=settings.tau_end,
         scorer_hidden_dim=settings.scorer_hidden_dim, scorer_layers=settings.scorer_layers, scorer_heads=settings.scorer_heads,
-        denoiser_mlp_ratio=2.0, gate=gate, denoiser_attention=denoiser_attention, seed=settings.seed, save_every=0,
+        denoiser_mlp_ratio=2.0, gate=gate, denoiser_attention=denoiser_attention, seed=settings.seed if seed is None else seed, save_every=0,
         progress=settings.progress, kernel_backend=settings.backend,
     )
     objective = build_objective(model, config)
@@ -181,12 +192,17 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
             import lmms_eval  # noqa: F401
         except ImportError:
             raise ImportError("through='lmms-eval' needs lmms-eval: pip install \"autoselect-fast[eval]\" (or --through engine)") from None
+    if not is_int(settings.scorer_seeds) or settings.scorer_seeds < 1:
+        raise ValueError(f"scorer_seeds must be an int >= 1, got {settings.scorer_seeds!r}")
+    if not is_int(settings.decoys) or settings.decoys < 0 or settings.distractors + settings.decoys + 1 > n_tokens:
+        raise ValueError(f"decoys must be an int >= 0 with distractors + decoys + 1 <= {n_tokens} cells, got decoys={settings.decoys!r}")
     if not 1 <= settings.keep <= n_tokens:
         raise ValueError(f"keep must satisfy 1 <= keep <= {n_tokens} (the tiny model's N), got {settings.keep}")
     processor = adapter.default_image_processor()
     log(f"[1/4] task: {settings.train_samples} training and {settings.test_samples} held-out samples, N = {n_tokens}, K = {settings.keep}")
-    train = S.make_samples(settings.train_samples, settings.seed * 2 + 1, tokenizer, processor, distractors=settings.distractors)
-    test = S.make_samples(settings.test_samples, settings.seed * 2 + 2, tokenizer, processor, distractors=settings.distractors)
+    task = dict(distractors=settings.distractors, decoys=settings.decoys)
+    train = S.make_samples(settings.train_samples, settings.seed * 2 + 1, tokenizer, processor, **task)
+    test = S.make_samples(settings.test_samples, settings.seed * 2 + 2, tokenizer, processor, **task)
 
     log(f"[2/4] pretraining the tiny LLaVA with every token ({settings.pretrain_steps} steps)")
     t0 = time.perf_counter()
@@ -196,14 +212,16 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
 
     train_set = SampleList([s.sample for s in train], [n_tokens] * len(train))
-    runs = [("trained", "vp", "identity")]
+    # (label, gate, Denoiser attention, training seed): the main Scorer once per seed, then the ablations
+    runs = [(seed_label(i, settings.seed), "vp", "identity", settings.seed + i) for i in range(settings.scorer_seeds)]
     if settings.ablations:
-        runs += [("ablation: scale gate", "scale", "identity"), ("ablation: global denoiser", "vp", "global")]
+        runs += [("ablation: scale gate", "scale", "identity", settings.seed), ("ablation: global denoiser", "vp", "global", settings.seed)]
     trained = {}
     log(f"[3/4] training Scorer + Denoiser at K = {settings.keep} ({settings.steps} steps each, {len(runs)} run(s))")
-    for label, gate, attention in runs:
-        path, last, seconds = train_scorer(model, train_set, settings, os.path.join(work_dir, f"{gate}-{attention}"), gate=gate, denoiser_attention=attention)
-        trained[label] = (Scorer.from_pretrained(path, expected_input_dim=adapter.feature_dim), last, seconds, gate, attention)
+    for label, gate, attention, seed in runs:
+        run_dir = os.path.join(work_dir, f"{gate}-{attention}" + (f"-seed{seed}" if seed != settings.seed else ""))
+        path, last, seconds = train_scorer(model, train_set, settings, run_dir, gate=gate, denoiser_attention=attention, seed=seed)
+        trained[label] = (Scorer.from_pretrained(path, expected_input_dim=adapter.feature_dim), last, seconds, gate, attention, seed)
         log(f"  {label}: final loss {last['loss']:.4f}, α bimodality {last['alpha_bimodality']:.3f} ({seconds:.0f} s)")
     unchanged = all(torch.equal(frozen[k], v) for k, v in model.state_dict().items())
 
@@ -226,8 +244,8 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
         m = evaluate(model, scorer, keep, test, settings.eval_batch, settings.backend, selector=selector, seed=settings.seed, tokenizer=tokenizer)
         m["selector"] = selector
         if label in trained:
-            _, last, seconds, gate, attention = trained[label]
-            m.update(train_seconds=seconds, final_train_metrics=last, gate=gate, denoiser_attention=attention)
+            _, last, seconds, gate, attention, seed = trained[label]
+            m.update(train_seconds=seconds, final_train_metrics=last, gate=gate, denoiser_attention=attention, train_seed=seed)
         m["engine_accuracy"] = m["accuracy"]
         if through_lmms:
             scorer_dir = os.path.join(work_dir, "scorers", label.replace(":", "").replace(" ", "-")) if scorer is not None else None
@@ -240,7 +258,10 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
         log(f"  {label:28s} accuracy {m['accuracy']:.3f}" + (f" (lmms-eval; engine {m['engine_accuracy']:.3f}, same answers: "
             f"{m['lmms_eval_same_answers']})" if through_lmms else "") + f"   answer token kept {m['target_kept_rate']:.3f}")
 
+    seeds = [seed_label(i, settings.seed) for i in range(settings.scorer_seeds)]
+    by_seed = [methods[label]["accuracy"] for label in seeds]
     full, ours, rnd = methods["every token"]["accuracy"], methods["trained"]["accuracy"], methods["random"]["accuracy"]
+    worst = min(by_seed)
     best_free = max(TRAINING_FREE, key=lambda name: methods[name]["accuracy"])
     result = {
         "experiment": "training-learning",
@@ -256,7 +277,10 @@ def run_experiment(settings: ExperimentSettings, log=print) -> dict:
             "measured_through": settings.through,
             "every_token_accuracy": full, "trained_accuracy": ours, "random_accuracy": rnd,
             "best_training_free": best_free, "best_training_free_accuracy": methods[best_free]["accuracy"],
-            "trained_above_every_training_free": all(ours > methods[name]["accuracy"] for name in TRAINING_FREE),
+            "trained_accuracy_by_seed": dict(zip(seeds, by_seed)), "trained_worst_seed_accuracy": worst,
+            "trained_mean_accuracy": float(np.mean(by_seed)), "trained_best_seed_accuracy": max(by_seed),
+            # every seed's Scorer, not just the first, above the best training-free selector
+            "trained_above_every_training_free": all(worst > methods[name]["accuracy"] for name in TRAINING_FREE),
             "lmms_eval_answers_equal_engine": all(m["lmms_eval_same_answers"] for m in methods.values()) if through_lmms else None,
             "trained_fraction_of_every_token": ours / full if full else None, "trained_minus_random_points": 100 * (ours - rnd),
             "goal_90_percent_of_every_token": bool(full and ours >= 0.9 * full), "goal_25_points_over_random": bool(100 * (ours - rnd) >= 25),
@@ -297,7 +321,7 @@ def plot(methods: dict, test: list, keep: int, path: str, images: int = 4, throu
     for xi, a in zip(x, acc):
         ax.text(xi - 0.2, a + 1, f"{a:.0f}", ha="center", fontsize=8)
     ax.axhline(100 / len(S.COLOURS), color="grey", ls=":", lw=1, label="chance")
-    ax.set_xticks(x, names, fontsize=8)
+    ax.set_xticks(x, names, fontsize=8, rotation=20, ha="right")
     ax.set_ylim(0, 110)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(f"Held-out accuracy (through {through}), K = {keep} of {S.GRID * S.GRID} tokens; kept tokens below: AutoSelectEngine")

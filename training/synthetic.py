@@ -1,12 +1,23 @@
 """The synthetic visual-question task of the learning experiment, and a tiny LLaVA to solve it.
 
 Task ("which colour?"): a 56×56 image is a grid of 8×8 cells of 7×7 pixels, one cell per visual
-token of the tiny CLIP tower (N = 64). Exactly one cell holds a solid coloured shape (square, plus or
-diamond, in one of six colours); ``distractors`` other cells hold high-contrast striped or
-checkered patterns in random colours (so the image's mean colour says nothing about the answer, and
-they carry more signal energy than the shape); the background is grey noise. The question asks for
-the shape's colour; the answer is one word. So exactly one of the 64 tokens carries the answer, and
-we know which: the cell index is stored with every sample.
+token of the tiny CLIP tower (N = 64). Exactly one cell holds the target, a solid coloured shape in one
+of six colours; ``distractors`` other cells hold high-contrast striped or checkered patterns in random
+colours (so the image's mean colour says nothing about the answer, and they carry more signal energy
+than the shape); the background is grey noise. The question asks for the target's colour; the answer
+is one word. So exactly one of the 64 tokens carries the answer, and we know which: the cell index is
+stored with every sample.
+
+Two forms (``decoys``):
+
+* ``decoys=0`` (the first form): the target is a square, plus or diamond, the only solid shape in the
+  image, and the question says "the shape". The answer is then the image's most unusual token, which
+  a training-free diversity selector (DivPrune) finds without learning anything.
+* ``decoys`` > 0 (the learning experiment's default, 8): the target is always a diamond and ``decoys``
+  other cells hold solid squares and pluses in random colours of the same six: objects as unusual as
+  the target, as in real images where the question concerns one of several salient things. Only the
+  diamond answers the question, which names it ("what colour is the diamond ?"). The Scorer never
+  sees the question; it can learn that diamonds matter on this task, a diversity rule cannot.
 
 The tiny VLM is made of the real transformers classes (``LlavaForConditionalGeneration``: CLIP vision
 tower, LLaVA MLP projector, Llama LLM) with a word-level tokenizer and a chat template built here.
@@ -38,6 +49,10 @@ COLOURS = {
 }
 SHAPES = ("square", "plus", "diamond")
 QUESTIONS = ("what colour is the shape ?", "which colour does the shape have ?", "name the colour of the shape .")
+# With decoys (solid squares and pluses) the target is always a diamond, and the question names it.
+TARGET_WITH_DECOYS = "diamond"
+DECOY_SHAPES = ("square", "plus")
+DECOY_QUESTIONS = tuple(q.replace("shape", TARGET_WITH_DECOYS) for q in QUESTIONS)
 # A user turn's content is a string (training data) or a list of items (a multimodal processor's messages,
 # e.g. from lmms-eval): both render "USER: <image> <question> ".
 CHAT_TEMPLATE = (
@@ -56,7 +71,7 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, "USER:", "ASSISTANT:"]
-    for q in QUESTIONS:
+    for q in QUESTIONS + DECOY_QUESTIONS:
         words += [w for w in q.split() if w not in words]
     words += [c for c in COLOURS if c not in words]
     vocab = {w: i for i, w in enumerate(words)}
@@ -78,12 +93,18 @@ def _shape_mask(shape: str) -> np.ndarray:
     return (abs(yy - c) + abs(xx - c)) <= 3
 
 
-def make_image(rng: np.random.RandomState, distractors: int) -> tuple[np.ndarray, int, str, str]:
-    """``(image uint8 (56, 56, 3), target cell, colour, shape)``."""
+def make_image(rng: np.random.RandomState, distractors: int, decoys: int = 0) -> tuple[np.ndarray, int, str, str]:
+    """``(image uint8 (56, 56, 3), target cell, colour, shape)``.
+
+    With ``decoys`` > 0 the target is always a diamond and ``decoys`` other cells hold solid squares
+    and pluses in random colours of the same six: objects as unusual as the target, of which only the
+    diamond answers the question (which then names the diamond, :data:`DECOY_QUESTIONS`). Decoys are
+    drawn last, so ``decoys=0`` gives exactly the images of the task without them (``choice`` without
+    replacement takes a prefix of one permutation, so the other cells do not move either)."""
     grey = rng.randint(90, 160)
     img = np.clip(grey + rng.randn(IMAGE_SIZE, IMAGE_SIZE, 1) * 8, 0, 255).repeat(3, axis=2)
-    cells = rng.choice(GRID * GRID, size=distractors + 1, replace=False)
-    target, others = int(cells[0]), cells[1:]
+    cells = rng.choice(GRID * GRID, size=distractors + decoys + 1, replace=False)
+    target, others, decoy_cells = int(cells[0]), cells[1:distractors + 1], cells[distractors + 1:]
     yy, xx = np.mgrid[0:CELL, 0:CELL]
     names = list(COLOURS)
     for cell in others:  # coloured, high-contrast patterns: they make the image's mean colour uninformative
@@ -94,11 +115,18 @@ def make_image(rng: np.random.RandomState, distractors: int) -> tuple[np.ndarray
         dark = rng.randint(0, 40)
         img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = np.where(pattern[..., None], hue, dark)
     colour = list(COLOURS)[rng.randint(len(COLOURS))]
-    shape = SHAPES[rng.randint(len(SHAPES))]
+    shape = SHAPES[rng.randint(len(SHAPES))]  # drawn even with decoys, so the random stream is the same
+    if decoys:
+        shape = TARGET_WITH_DECOYS
     r, c = divmod(target, GRID)
     patch = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
     rgb = np.clip(np.array(COLOURS[colour]) + rng.randint(-20, 21, size=3), 0, 255)
     patch[_shape_mask(shape)] = rgb
+    for cell in decoy_cells:
+        r, c = divmod(int(cell), GRID)
+        hue = np.clip(np.array(COLOURS[names[rng.randint(len(names))]]) + rng.randint(-20, 21, size=3), 0, 255)
+        kind = DECOY_SHAPES[rng.randint(len(DECOY_SHAPES))]
+        img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][_shape_mask(kind)] = hue
     return img.astype(np.uint8), target, colour, shape
 
 
@@ -113,16 +141,16 @@ class TaskSample:
     answer: str = ""
 
 
-def make_samples(count: int, seed: int, tokenizer, image_processor, *, distractors: int = 12) -> list[TaskSample]:
+def make_samples(count: int, seed: int, tokenizer, image_processor, *, distractors: int = 12, decoys: int = 0) -> list[TaskSample]:
     """``count`` samples of the task, deterministic in ``seed``."""
     from PIL import Image
 
     rng = np.random.RandomState(seed)
     out = []
-    images = [make_image(rng, distractors) for _ in range(count)]
+    images = [make_image(rng, distractors, decoys) for _ in range(count)]
     pixel_values = image_processor(images=[Image.fromarray(im) for im, *_ in images], return_tensors="pt")["pixel_values"]
     for (im, target, colour, _), pv in zip(images, pixel_values):
-        question = QUESTIONS[rng.randint(len(QUESTIONS))]
+        question = (DECOY_QUESTIONS if decoys else QUESTIONS)[rng.randint(len(QUESTIONS))]
         messages = [{"role": "user", "content": f"{IMAGE_TOKEN} {question}"}, {"role": "assistant", "content": colour}]
         ids, labels = tokenize_conversation(tokenizer, messages, IMAGE_TOKEN)
         prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)

@@ -1,12 +1,12 @@
 """The offline lmms-eval task ``autoselect_shapes``: the learning experiment's questions as files.
 
-The learning experiment's task (``training.synthetic``: which colour is the one solid shape among
-striped distractors on grey noise?) is rendered to PNG files with a JSON-lines file of questions and
+The learning experiment's task (``training.synthetic``: which colour is the diamond, among striped
+distractors and decoy squares and pluses on grey noise?) is rendered to PNG files with a JSON-lines file of questions and
 answers, next to the task's YAML files and ``utils.py`` (lmms-eval reads ``shapes.jsonl`` with its
 local ``json`` builder, paths relative to the YAML): nothing is fetched from a hub.
 
 The copy in ``TASKS_DIR/autoselect_shapes`` is the experiment's default held-out set (seed 0: 400
-images, 12 distractors), written by::
+images, 12 distractors, 8 decoys), written by::
 
     python -m autoselect_fast.eval.shapes_task
 
@@ -54,14 +54,14 @@ def write_task(directory: str, samples: Sequence, *, copy_task_files: bool = Tru
     return directory
 
 
-def default_samples(count: int = 400, seed: int = 0, distractors: int = 12) -> list:
+def default_samples(count: int = 400, seed: int = 0, distractors: int = 12, decoys: int = 8) -> list:
     """The learning experiment's held-out samples for ``seed`` (its ``make_samples(count, 2 * seed + 2)``)."""
     from ..models import get_adapter
     from ..training import synthetic
 
     tokenizer = synthetic.build_tokenizer()
     processor = get_adapter(synthetic.build_tiny_llava(tokenizer, seed=seed)).default_image_processor()
-    return synthetic.make_samples(count, seed * 2 + 2, tokenizer, processor, distractors=distractors)
+    return synthetic.make_samples(count, seed * 2 + 2, tokenizer, processor, distractors=distractors, decoys=decoys)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -70,8 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--count", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distractors", type=int, default=12)
+    p.add_argument("--decoys", type=int, default=8)
     args = p.parse_args(argv)
-    write_task(args.out, default_samples(args.count, args.seed, args.distractors))
+    write_task(args.out, default_samples(args.count, args.seed, args.distractors, args.decoys))
     print(f"wrote {args.count} questions to {args.out}")
     return 0
 
