@@ -6,7 +6,7 @@ dimension (``(ΣN,)``, ``(ΣN, d)``, ``(3, ΣN)``, ...), and ``cu_seqlens`` ``(B
 batch out as ``(B, max N)`` rows (right- or left-aligned); :func:`padded_to_packed` goes back.
 
 :func:`to_device` copies the small index tensors the host builds (budgets, offsets, positions) to the
-device without a synchronisation. This module imports nothing else from the package, so
+device without a synchronisation; :func:`copy_into` does the same into an existing (static) device buffer. This module imports nothing else from the package, so
 ``validation`` and everything above it can use it.
 """
 from __future__ import annotations
@@ -48,6 +48,15 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and host.device.type == "cpu" and not torch.compiler.is_compiling():
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)``; a host tensor goes to a CUDA buffer through pinned memory without blocking the host."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.to(dst.dtype).pin_memory()  # cast first: a casting copy would stage through pageable memory
+        dst.copy_(src, non_blocking=True)
+    else:
+        dst.copy_(src)
 
 
 def single_segment_cu(total: int, device=None) -> Tensor:

@@ -19,8 +19,7 @@ This module owns the memory a padded or graphed prefill (``engine.runner``, ``do
   512 MiB for Mistral-7B (8 KV heads), 224 MiB for Qwen2.5-VL-7B (28 layers, 4 KV heads). A runner that
   only ever prefills never allocates them (:meth:`PrefillBuffers.kv_bytes` stays 0).
 
-:func:`copy_into` (a host tensor into a device buffer without blocking the host) serves every stage's
-static buffers.
+:func:`autoselect_fast.ragged.copy_into` copies the batch in without blocking the host.
 """
 from __future__ import annotations
 
@@ -31,15 +30,7 @@ from torch import Tensor
 
 from ..kv_cache import DecodeCache, PackedPrefillCache
 from ..packing import PackedBatch
-
-
-def copy_into(dst: Tensor, src: Tensor) -> None:
-    """``dst.copy_(src)``; a host tensor goes to a CUDA buffer through pinned memory without blocking the host."""
-    if dst.device.type == "cuda" and src.device.type == "cpu":
-        src = src.to(dst.dtype).pin_memory()  # cast first: a casting copy would stage through pageable memory
-        dst.copy_(src, non_blocking=True)
-    else:
-        dst.copy_(src)
+from ..ragged import copy_into
 
 
 class KVCapture(PackedPrefillCache):

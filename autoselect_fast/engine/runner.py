@@ -59,7 +59,7 @@ from .. import reference
 from ..attention import PACKED_NO_MASK, install_dispatch, varlen_call
 from ..kv_cache import PrefillWriter
 from ..packing import PackedBatch
-from ..ragged import cu_seqlens_from_lengths
+from ..ragged import copy_into, cu_seqlens_from_lengths
 from ..reference import Selection
 from .buckets import (
     DEFAULT_LARGEST_PREFILL_BUCKET,
@@ -71,7 +71,7 @@ from .buckets import (
     bucket_for,
     prefill_bucket_schedule,
 )
-from .prefill_buffers import PrefillBuffers, copy_into, fill_inputs
+from .prefill_buffers import PrefillBuffers, fill_inputs
 
 __all__ = [
     "DEFAULT_LARGEST_PREFILL_BUCKET", "DEFAULT_REQUEST_BUCKETS", "DEFAULT_VISION_BUCKETS", "RunnerConfig", "StageStats", "Runner", "prefill_bucket_schedule", "bucket_for",

@@ -43,8 +43,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..engine.prefill_buffers import copy_into
 from ..engine.runner import capture_graph
+from ..ragged import copy_into
 
 GRAPHED = "transformers + CUDA graph"
 GRAPHED_DESCRIPTION = (f"{GRAPHED}: the same unmodified model and inputs, its vision tower (LLaVA: with the "
