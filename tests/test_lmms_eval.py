@@ -286,18 +286,12 @@ def test_bad_model_arguments_fail_before_loading(files):
 # --------------------------------------------------------------------------------------------------
 def test_experiment_table_through_lmms_eval(tmp_path):
     """Shortened experiment (tests/test_training_experiment.py's settings): every method's accuracy through
-    lmms-eval equals the engine's direct answers, and the trained Scorer is above each training-free selector."""
-    from test_training_experiment import CI_SETTINGS, check_learning
+    lmms-eval equals the engine's direct answers, and the trained Scorer passes the same checks as there
+    (above random, norm and VisionZip-style selection)."""
+    from test_training_experiment import check_learning, run_short_experiment
 
-    from autoselect_fast.training.experiment import ExperimentSettings, run_experiment
-
-    threads = torch.get_num_threads()
     os.environ.update({**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
-    settings = ExperimentSettings(tag="ci-lmms", out_dir=str(tmp_path), through="lmms-eval", **CI_SETTINGS)
-    try:
-        result = run_experiment(settings, log=lambda *_: None)
-    finally:
-        torch.set_num_threads(threads)
+    result = run_short_experiment(tmp_path, "ci-lmms", "lmms-eval")
     check_learning(result)
     assert result["summary"]["lmms_eval_answers_equal_engine"]
     for method in result["methods"].values():

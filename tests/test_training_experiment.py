@@ -36,13 +36,17 @@ def check_learning(result: dict) -> None:
     assert methods["divprune"]["target_kept_rate"] >= methods["random"]["target_kept_rate"] + 0.3, accuracies
 
 
-def test_trained_scorer_beats_the_training_free_selectors(tmp_path):
+def run_short_experiment(out_dir, tag: str, through: str) -> dict:
+    """The experiment with :data:`CI_SETTINGS`, quietly; torch's thread count restored afterwards."""
     threads = torch.get_num_threads()
-    settings = ExperimentSettings(tag="ci", out_dir=str(tmp_path), through="engine", **CI_SETTINGS)
     try:
-        result = run_experiment(settings, log=lambda *_: None)
+        return run_experiment(ExperimentSettings(tag=tag, out_dir=str(out_dir), through=through, **CI_SETTINGS), log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_trained_scorer_beats_the_training_free_selectors(tmp_path):
+    result = run_short_experiment(tmp_path, "ci", "engine")
     check_learning(result)
     assert result["summary"]["lmms_eval_answers_equal_engine"] is None  # not measured through lmms-eval here
     assert (tmp_path / "training-experiment-ci.json").exists()

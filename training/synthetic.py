@@ -93,6 +93,17 @@ def _shape_mask(shape: str) -> np.ndarray:
     return (abs(yy - c) + abs(xx - c)) <= 3
 
 
+def _cell(img: np.ndarray, index: int) -> np.ndarray:
+    """The view of grid cell ``index`` (row-major, as the visual tokens) in ``img``."""
+    r, c = divmod(int(index), GRID)
+    return img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+
+
+def _jittered(rng: np.random.RandomState, colour: str) -> np.ndarray:
+    """A solid shape's RGB: the named colour, each channel moved by up to ±20."""
+    return np.clip(np.array(COLOURS[colour]) + rng.randint(-20, 21, size=3), 0, 255)
+
+
 def make_image(rng: np.random.RandomState, distractors: int, decoys: int = 0) -> tuple[np.ndarray, int, str, str]:
     """``(image uint8 (56, 56, 3), target cell, colour, shape)``.
 
@@ -108,25 +119,20 @@ def make_image(rng: np.random.RandomState, distractors: int, decoys: int = 0) ->
     yy, xx = np.mgrid[0:CELL, 0:CELL]
     names = list(COLOURS)
     for cell in others:  # coloured, high-contrast patterns: they make the image's mean colour uninformative
-        r, c = divmod(int(cell), GRID)
         kind = rng.randint(3)
         pattern = ((yy + xx) % 2) if kind == 0 else (yy % 2) if kind == 1 else (xx % 2)
         hue = np.array(COLOURS[names[rng.randint(len(names))]], dtype=np.float64)
         dark = rng.randint(0, 40)
-        img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = np.where(pattern[..., None], hue, dark)
+        _cell(img, cell)[...] = np.where(pattern[..., None], hue, dark)
     colour = list(COLOURS)[rng.randint(len(COLOURS))]
     shape = SHAPES[rng.randint(len(SHAPES))]  # drawn even with decoys, so the random stream is the same
     if decoys:
         shape = TARGET_WITH_DECOYS
-    r, c = divmod(target, GRID)
-    patch = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
-    rgb = np.clip(np.array(COLOURS[colour]) + rng.randint(-20, 21, size=3), 0, 255)
-    patch[_shape_mask(shape)] = rgb
+    _cell(img, target)[_shape_mask(shape)] = _jittered(rng, colour)
     for cell in decoy_cells:
-        r, c = divmod(int(cell), GRID)
-        hue = np.clip(np.array(COLOURS[names[rng.randint(len(names))]]) + rng.randint(-20, 21, size=3), 0, 255)
+        hue = _jittered(rng, names[rng.randint(len(names))])
         kind = DECOY_SHAPES[rng.randint(len(DECOY_SHAPES))]
-        img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][_shape_mask(kind)] = hue
+        _cell(img, cell)[_shape_mask(kind)] = hue
     return img.astype(np.uint8), target, colour, shape
 
 
