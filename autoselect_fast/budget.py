@@ -2,7 +2,8 @@
 and the vLLM plugin).
 
 ``keep`` fixes K per image, ``keep_ratio`` makes it a fraction of the image's N (``K = max(1, round(r·N))``,
-docs/design.md, "Model rules"); :func:`check_budget_args` checks the pair, :func:`image_budget` applies it.
+docs/design.md, "Model rules"); :func:`check_budget_args` checks the pair, :func:`check_keep_fits` checks ``keep`` against a model
+whose N is fixed, :func:`image_budget` applies it.
 """
 from __future__ import annotations
 
@@ -42,3 +43,11 @@ def image_budget(num_tokens: int, keep: Optional[int] = None, keep_ratio: Option
     if keep_ratio is not None:
         return max(1, round(keep_ratio * num_tokens))
     return num_tokens
+
+
+def check_keep_fits(keep: Optional[int], adapter) -> None:
+    """Refuse a fixed ``keep`` above N before any image is seen, where the model (its ``VLMAdapter``) gives
+    every image the same N and does not clip: the error would otherwise come with the first request."""
+    fixed = adapter.fixed_num_tokens
+    if keep is not None and fixed is not None and not adapter.clips_keep_to_tokens:
+        image_budget(fixed, keep, where="every image of this model")

@@ -44,6 +44,7 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
 
     if args.keep > args.tokens:
         raise preflight.UsageError(f"--keep {args.keep}: the image has N = --tokens {args.tokens} visual tokens; allowed: 1 <= K <= {args.tokens}")
+    preflight.output_directory("--out", args.out, os.path.dirname(os.path.abspath(args.out)))
     device = torch.device(args.device)
     scorer, features = published_pruning_inputs(args.batch, args.tokens, args.dim, device=device, dtype=args.dtype)
     backend = resolve_backend("auto", device)  # the engine's choice: Triton kernels on CUDA, reference on CPU
@@ -80,7 +81,6 @@ def run_pruning_benchmark(args: argparse.Namespace) -> dict:
         **({"gpu_timeline": timeline} if timeline else {}),
         **({"selectors": selectors} if selectors else {}),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"  results written to {args.out}")
@@ -111,6 +111,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
     except SettingError as exc:  # the same message, with the flag's name
         value = " ".join(map(str, exc.value)) if isinstance(exc.value, (list, tuple)) else exc.value
         raise preflight.UsageError(f"{_REPORT_FLAGS.get(exc.setting, exc.setting)} {value}: {exc.allowed}") from None
+    preflight.output_directory("--out-dir", args.out_dir, args.out_dir)
     say = print if not args.quiet else (lambda *a, **k: None)
     if plan.device.type == "cpu":
         seconds, flops = preflight.estimate_report_seconds(

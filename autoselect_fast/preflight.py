@@ -9,6 +9,7 @@ exit status 2.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence
 
@@ -29,6 +30,17 @@ class UsageError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Devices and budgets
 # --------------------------------------------------------------------------------------------------
+def output_directory(flag: str, value: str, directory: str) -> None:
+    """Create ``directory`` (where ``flag value`` writes) now and check it is writable, so a bad path
+    fails in one line before the run rather than with a traceback after it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {value}: cannot create directory {directory} ({exc.strerror or exc})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: directory {directory} is not writable")
+
+
 def parse_device(value: str) -> torch.device:
     """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` that exists in this torch build on this machine.
 

@@ -56,6 +56,9 @@ BAD_ARGUMENTS = [
     (["pruning", "--tokens", "0"], "argument --tokens: must be an int >= 1, got 0"),
     (["pruning", "--dtype", "int8"], "argument --dtype: must be one of ['bf16', 'fp16', 'fp32'], got 'int8'"),
     (["pruning", "--repeats", "0"], "argument --repeats: must be an int >= 1, got 0"),
+    # an output path that cannot be written: refused before the run, not after it (/proc takes no new directories)
+    (["pruning", "--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: cannot create directory /proc/nope"),
+    (["bench", "--out-dir", "/proc/nope"], "--out-dir /proc/nope: cannot create directory /proc/nope"),
 ]
 
 

@@ -387,8 +387,8 @@ def test_argument_errors(llava, scorer):
 
     engine = AutoSelectEngine(llava, scorer, keep=4)
     image = picture(50)
-    with pytest.raises(ValueError, match="keep=17 exceeds the image's 16 visual tokens"):
-        AutoSelectEngine(llava, scorer, keep=17).prefill(Request(PROMPTS[0], image=image))
+    with pytest.raises(ValueError, match="keep=17 exceeds the 16 visual tokens of every image of this model"):
+        AutoSelectEngine(llava, scorer, keep=17)  # N is fixed: refused when the engine is built
     with pytest.raises(ValueError, match=r"2 image\(s\) and 3 prompt\(s\)"):
         build_requests(PROMPTS, [image, image])
     with pytest.raises(ValueError, match="request 0 has no image token"):
@@ -413,16 +413,54 @@ def test_argument_errors(llava, scorer):
         engine.generate(Request(PROMPTS[0], image=image, max_new_tokens=0))
     with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         engine.generate(Request(PROMPTS[0], image=image), do_sample=True, top_p=0.0)
-    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         engine.generate(Request(PROMPTS[0], image=image), do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="video input is not supported yet"):
         engine.prefill(Request(PROMPTS[0], image=image, videos=[image]))
+    with pytest.raises(TypeError, match=r"image 0 of request 0 must be a Pillow image or an \(H, W\[, C\]\) numpy array, got int"):
+        engine.prefill(Request(PROMPTS[0], image=123))
+    with pytest.raises(TypeError, match=r"image 1 of request 0 must be a Pillow image .*, got str"):
+        engine.prefill(Request([IMAGE_TOKEN, 5, IMAGE_TOKEN], images=[image, "x.jpg"]))
     with pytest.raises(TypeError, match="needs a tokenizer"):
         engine.prefill(Request("USER: <image> hi", image=image))
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(3, 28, 28\)"):
         engine.prefill(Request(PROMPTS[0], pixel_values=torch.zeros(3, 32, 32)))
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         engine.generate(Request(PROMPTS[0], image=image), max_new_tokens=0)
+
+
+def test_generate_arguments_fail_before_any_image_work(llava, scorer, monkeypatch):
+    """Stop ids outside the vocabulary, a max_new_tokens beyond the model's positions and an infinite
+    temperature are refused with one line naming them, before an image is processed or encoded."""
+    engine = AutoSelectEngine(llava, scorer, keep=4)
+    image = picture(3)
+
+    def no_image_work(*args, **kwargs):
+        raise AssertionError("image work started before the arguments were checked")
+
+    monkeypatch.setattr(engine.adapter, "process_image", no_image_work)
+    monkeypatch.setattr(engine, "encode_images", no_image_work)
+    vocab, positions = engine.adapter.vocab_size, engine.adapter.max_positions
+    request = Request(PROMPTS[0], image=image)
+    with pytest.raises(ValueError, match=rf"eos_token_id holds token id {vocab}, outside the vocabulary: allowed 0 <= id < {vocab}"):
+        engine.generate(request, eos_token_id=[2, vocab])
+    with pytest.raises(ValueError, match="eos_token_id holds token id -1, outside the vocabulary"):
+        engine.generate(request, eos_token_id=-1)
+    with pytest.raises(ValueError, match=rf"stop_token_ids of request 0 holds token id {10**6}, outside the vocabulary"):
+        engine.generate(Request(PROMPTS[0], image=image, stop_token_ids=[10**6]))
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be <= {positions} \(the model's max_position_embeddings\), got {10**12}"):
+        engine.generate(request, max_new_tokens=10**12)
+    with pytest.raises(ValueError, match=rf"max_new_tokens of request 0 must be <= {positions}"):
+        engine.generate(Request(PROMPTS[0], image=image, max_new_tokens=positions + 1))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
+        engine.generate(request, do_sample=True, temperature=float("inf"))
+
+
+def test_a_zero_dim_tensor_is_one_stop_id(llava, scorer):
+    engine = AutoSelectEngine(llava, scorer, keep=4)
+    request = Request(PROMPTS[0], image=picture(3))
+    as_tensor = engine.generate(request, max_new_tokens=3, eos_token_id=torch.tensor(2))
+    assert as_tensor.token_ids == engine.generate(request, max_new_tokens=3, eos_token_id=2).token_ids
 
 
 def test_llava_next_argument_errors(llava_next, scorer):

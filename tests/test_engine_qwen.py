@@ -460,3 +460,7 @@ def test_errors(qwen, scorer, processed):
         engine.generate([Request([IM_START, 9], seed=1.5)], do_sample=True)
     with pytest.raises(TypeError, match=r"seed must be None or an int, got \[1, 2\]"):
         engine.generate([Request([IM_START, 9])], do_sample=True, seed=[1, 2])
+    # one image_id for two images of different sizes: named, not a shape error deep in selection
+    engine.prefill(Request(image_prompt(9), images=[ImageInput(*processed["wide"], image_id="photo")]))
+    with pytest.raises(ValueError, match="score-cache key 'photo' holds the scores of an image with 32 visual tokens, but this image has 12"):
+        engine.prefill(Request(image_prompt(9), images=[ImageInput(*processed["medium"], image_id="photo")]))

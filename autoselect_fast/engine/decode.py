@@ -142,7 +142,8 @@ class DecodeState:
                 self.model_step(self)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' syncs and allocations during this capture neither fail nor spoil it
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.model_step(self)
         self.graph = graph
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from ..budget import check_budget_args, image_budget
+from ..budget import check_budget_args, check_keep_fits, image_budget
 from ..caching import LRUCache
 from ..models import VLMAdapter, get_adapter
 from ..packing import PackedBatch
@@ -112,6 +112,7 @@ class AutoSelectEngine:
         self.adapter: VLMAdapter = get_adapter(model)
         self.model = model.eval()
         check_budget_args(keep, keep_ratio, required=False)
+        check_keep_fits(keep, self.adapter)
         self.keep, self.keep_ratio = keep, keep_ratio
         self.device = self.adapter.device
         if selector == "scorer" and scorer is None and keep is None and keep_ratio is None:
@@ -213,6 +214,10 @@ class AutoSelectEngine:
             keys = [None if key is None else (key, k) for key, k in zip(keys, budgets)]
         with self._score_lock():
             scores: list[Optional[Tensor]] = [None if key is None else self._score_cache.get(key) for key in keys]
+        for key, s, f in zip(keys, scores, features):
+            if s is not None and s.shape[0] != f.shape[0]:  # a user's image_id reused for an image of another size
+                raise ValueError(f"score-cache key {key!r} holds the scores of an image with {s.shape[0]} visual tokens, but this "
+                                 f"image has {f.shape[0]}: an image_id must name one image (or leave it None: a pixel hash)")
         missing = [i for i, s in enumerate(scores) if s is None]
         if missing:
             inputs = SelectorInputs(
@@ -426,8 +431,8 @@ class AutoSelectEngine:
         batch (``engine.decode``), on the runner's padded / graphed path when the batch fits a bucket;
         decoding continues at each request's largest position + 1 (every M-RoPE row), one more per step.
         """
-        check_max_new_tokens("max_new_tokens", max_new_tokens)
-        eos = stop_set("eos_token_id", eos_token_id)
+        check_max_new_tokens("max_new_tokens", max_new_tokens, self.adapter.max_positions)
+        eos = stop_set("eos_token_id", eos_token_id, self.adapter.vocab_size)
         check_sampling(do_sample, temperature, top_k, top_p, seed)
         check_read_every(read_every)
         batch = self.prepare(requests)

@@ -93,7 +93,17 @@ class Request:
         for j, item in enumerate(items):
             if (item.image is None) == (item.pixel_values is None):
                 raise ValueError(f"image {j} of request {index} must give exactly one of pixel_values and image (Pillow)")
+            if item.image is not None and not _is_picture(item.image):  # else the processor's own, nameless error
+                raise TypeError(f"image {j} of request {index} must be a Pillow image or an (H, W[, C]) numpy array, got "
+                                f"{type(item.image).__name__}; processed pixels go in pixel_values")
         return items
+
+
+def _is_picture(image) -> bool:
+    import numpy as np
+    from PIL import Image
+
+    return isinstance(image, Image.Image) or (isinstance(image, np.ndarray) and image.ndim in (2, 3))
 
 
 def _as_image_input(item) -> ImageInput:
@@ -198,22 +208,31 @@ def build_requests(prompts: Sequence[Prompt], images: Sequence[Any], *, image_si
 # --------------------------------------------------------------------------------------------------
 # Prompt parsing and argument checks
 # --------------------------------------------------------------------------------------------------
-def check_max_new_tokens(name: str, value) -> int:
+def check_max_new_tokens(name: str, value, limit: Optional[int] = None) -> int:
+    """``1 <= value`` and, with ``limit`` (the model's ``max_position_embeddings``), ``value <= limit``: the
+    decode cache is sized for the prompt plus ``value`` tokens, so a huge value fails here, not in the allocator."""
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if limit is not None and value > limit:
+        raise ValueError(f"{name} must be <= {limit} (the model's max_position_embeddings), got {value!r}")
     return value
 
 
-def stop_set(name: str, value) -> frozenset:
-    """Stop tokens as a set of ints: ``None``, one int or a sequence of ints."""
+def stop_set(name: str, value, vocab_size: Optional[int] = None) -> frozenset:
+    """Stop tokens as a set of ints: ``None``, one int or a sequence of ints (or an integer tensor); with
+    ``vocab_size``, each must be a token the model can emit (a stop id outside it would never stop anything)."""
     if value is None:
         return frozenset()
     if is_int(value):
-        return frozenset([value])
+        value = [value]
     if isinstance(value, Tensor):
-        value = value.tolist() if not value.dtype.is_floating_point else [value]
+        value = value.reshape(-1).tolist() if not value.dtype.is_floating_point and value.dtype != torch.bool else [value]
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(is_int(t) for t in value):
         raise TypeError(f"{name} must be an int token id or a list of int token ids, got {value!r}")
+    if vocab_size is not None:
+        outside = [t for t in value if not 0 <= t < vocab_size]
+        if outside:
+            raise ValueError(f"{name} holds token id {outside[0]}, outside the vocabulary: allowed 0 <= id < {vocab_size}")
     return frozenset(value)
 
 
@@ -271,10 +290,11 @@ def _parse(req, index: int, adapter: VLMAdapter, tokenizer) -> _Parsed:
             "image(s); give one placeholder (or expanded run) per image, images separated by other tokens"
         )
     if req.max_new_tokens is not None:
-        check_max_new_tokens(f"max_new_tokens of request {index}", req.max_new_tokens)
+        check_max_new_tokens(f"max_new_tokens of request {index}", req.max_new_tokens, adapter.max_positions)
     if req.seed is not None and not is_int(req.seed):
         raise TypeError(f"seed of request {index} must be an int or None, got {req.seed!r}")
-    return _Parsed(ids, runs, images, req.max_new_tokens, stop_set(f"stop_token_ids of request {index}", req.stop_token_ids), req.seed)
+    return _Parsed(ids, runs, images, req.max_new_tokens, stop_set(f"stop_token_ids of request {index}", req.stop_token_ids, adapter.vocab_size),
+                   req.seed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ request's samples independent of the rest of its batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -46,8 +47,8 @@ def sample_next_tokens(logits: Tensor, *, do_sample: bool, temperature: float = 
 def check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    if not is_number(temperature) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not is_number(temperature) or not 0 < temperature < math.inf:  # inf would flatten every distribution silently
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
     if not is_number(top_p) or not 0 < top_p <= 1:

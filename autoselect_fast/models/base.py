@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from ..placeholders import expand, image_runs, strip_runs
 from ..ragged import to_device
 
+# Image layouts kept per adapter, keyed by image size or grid: a server meets new sizes without end.
+LAYOUT_CACHE_SIZE = 1024
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -105,6 +108,12 @@ class VLMAdapter:
     #: with the image's resolution); False when it is an error.
     clips_keep_to_tokens: bool = False
 
+    @property
+    def fixed_num_tokens(self) -> Optional[int]:
+        """N when every image has the same number of visual tokens (LLaVA-1.5), else None: a fixed
+        ``keep`` above it can then be refused before any image is seen."""
+        return None
+
     @classmethod
     def model_classes(cls) -> tuple[type, ...]:
         """The transformers classes the adapter handles."""
@@ -132,6 +141,13 @@ class VLMAdapter:
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: ``[0, vocab_size)`` (rows of the input embedding)."""
         return int(self.embed_tokens.num_embeddings)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The language model's ``max_position_embeddings`` (None when its config has none): the most new
+        tokens a request may ask for (its KV cache is sized for the prompt plus them)."""
+        value = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        return None if value is None else int(value)
 
     @property
     def image_token_id(self) -> int:

@@ -191,6 +191,10 @@ class LlavaAdapter(LlavaFamilyAdapter):
             raise ValueError(f"pixel_values must have shape (3, {s}, {s}) for this model (vision_config.image_size = {s}), got {tuple(pixel_values.shape)}")
         return pixel_values, None
 
+    @property
+    def fixed_num_tokens(self) -> int:
+        return self._layout.num_tokens
+
     def layout(self, image_size: Optional[tuple[int, int]] = None) -> ImageLayout:
         return self._layout
 

@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..caching import SharedLRUCache
 from ..validation import FLOAT_DTYPES, check_tensor
-from .base import ImageLayout, TokenRegions
+from .base import LAYOUT_CACHE_SIZE, ImageLayout, TokenRegions
 from .llava import LlavaFamilyAdapter
 
 
@@ -54,7 +55,8 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         self.tile_size = int(vision.image_size)
         side = self.tile_size // int(vision.patch_size)
         self.tokens_per_tile = side * side
-        self._layouts: dict[tuple[int, int], ImageLayout] = {}
+        # Keyed by the original (height, width): a server meets new sizes without end, hence bounded.
+        self._layouts: SharedLRUCache[ImageLayout] = SharedLRUCache(LAYOUT_CACHE_SIZE)
 
     def newline_embedding(self) -> Tensor:
         return self.inner.image_newline
@@ -95,9 +97,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
 
     def layout(self, image_size) -> ImageLayout:
         image_size = _image_size_tuple(image_size)
-        if image_size not in self._layouts:
-            self._layouts[image_size] = self._build_layout(image_size)
-        return self._layouts[image_size]
+        return self._layouts.get_or_build(image_size, lambda: self._build_layout(image_size))
 
     def image_size_of(self, height: int, width: int, image_processor) -> tuple[int, int]:
         return _image_size_tuple((height, width))  # the layout follows the original size

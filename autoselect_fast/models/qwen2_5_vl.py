@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..caching import SharedLRUCache
 from ..validation import FLOAT_DTYPES, check_tensor, is_int
-from .base import ImageLayout, TokenRegions, VLMAdapter
+from .base import LAYOUT_CACHE_SIZE, ImageLayout, TokenRegions, VLMAdapter
 from .qwen2_5_vl_vision import QwenVisionTower
 
 
@@ -75,7 +75,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         self.temporal_patch_size = int(vision.temporal_patch_size)
         self.vision_hidden = int(vision.hidden_size)
         self.patch_dim = int(vision.in_channels) * self.temporal_patch_size * self.patch_size**2
-        self._layouts: dict[tuple[int, int, int], ImageLayout] = {}
+        self._layouts: SharedLRUCache[ImageLayout] = SharedLRUCache(LAYOUT_CACHE_SIZE)  # by grid; bounded, locked
         self._rope_tables = SharedLRUCache(512)  # grid -> ((3, N) M-RoPE offsets of its tokens, advance after it)
         self._vision: QwenVisionTower | None = None  # built on first use: the tower may still be on the meta device here
 
@@ -133,9 +133,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
     def layout(self, image_size) -> ImageLayout:
         grid = _grid_tuple(image_size)
-        if grid not in self._layouts:
-            self._layouts[grid] = ImageLayout.plain(grid[0] * grid[1] * grid[2] // self.merge**2)
-        return self._layouts[grid]
+        return self._layouts.get_or_build(grid, lambda: ImageLayout.plain(grid[0] * grid[1] * grid[2] // self.merge**2))
 
     def resized_size(self, height: int, width: int, image_processor) -> tuple[int, int]:
         """``(height, width)`` in pixels of the image the processor patchifies (its ``smart_resize``)."""
