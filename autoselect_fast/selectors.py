@@ -34,6 +34,7 @@ the selectors to them.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -130,8 +131,9 @@ class RandomSelector(Selector):
     """Uniform scores from a generator seeded with ``(seed, the image's key)``: K random tokens per image.
 
     An image without a key (``prune`` called without keys) draws from one generator seeded with
-    ``seed`` at construction, so such calls are reproducible in sequence. Draws happen on the CPU and
-    are copied to the features' device.
+    ``seed`` at construction, so such calls are reproducible in sequence; a lock makes each call's
+    draws one unbroken run of that generator when threads share the selector. Draws happen on the CPU
+    and are copied to the features' device.
     """
 
     name = "random"
@@ -142,6 +144,7 @@ class RandomSelector(Selector):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self._unkeyed = torch.Generator().manual_seed(seed)
+        self._unkeyed_lock = threading.Lock()
 
     def _generator(self, key: Optional[Hashable]) -> torch.Generator:
         if key is None:
@@ -150,7 +153,12 @@ class RandomSelector(Selector):
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
     def forward(self, inputs: SelectorInputs) -> list[Tensor]:
-        return [torch.rand(f.shape[0], generator=self._generator(key)).to(f.device) for f, key in zip(inputs.features, inputs.keys)]
+        draws = zip(inputs.features, inputs.keys)
+        if all(key is not None for key in inputs.keys):  # keyed draws share no state: no lock
+            return [torch.rand(f.shape[0], generator=self._generator(key)).to(f.device) for f, key in draws]
+        with self._unkeyed_lock:  # the shared generator: one call's draws must not interleave with another's
+            scores = [torch.rand(f.shape[0], generator=self._generator(key)) for f, key in draws]
+        return [s.to(f.device) for s, f in zip(scores, inputs.features)]
 
 
 class NormSelector(Selector):

@@ -6,7 +6,10 @@ Runs where lmms-eval is installed (``.ci/eval_env.sh``: its own virtual environm
   user types it) for a tiny LLaVA-1.5, a tiny LLaVA-NeXT and a tiny Qwen2.5-VL: the accuracy it reports equals the engine's
   direct answers to the same questions (same answers, same count).
 * Every token kept through the eval model answers as transformers' own ``generate`` does.
-* ``--force_simple --tasks autoselect_shapes_mc``: log-likelihood scoring equals the model's own loss.
+* ``--force_simple --tasks autoselect_shapes_mc``: log-likelihood scoring (and its greedy flag) equals the
+  model's own loss on prompt and continuation tokenised as one text; with pruning it equals the pruned
+  engine's next-token logits; prompt and continuation are split after tokenising them together.
+* Requests are batched before their images are decoded; repeats of a document sample differently.
 * One lmms-eval batch is one packed engine batch (mixed image sizes on Qwen2.5-VL), and the generation
   arguments (stop strings, max new tokens, temperature) are honoured.
 """
@@ -204,6 +207,45 @@ def test_generation_arguments_are_honoured(files):
         lm.generate_until(chat_instances(lm, docs, {"max_new_tokens": 2, "num_beams": 3}))
 
 
+def test_repeats_sample_differently_and_batches_decode_their_own_images(files):
+    """lmms-eval sends a document's repeats as the same request again: sampled, each repeat answers on its own
+    (same seed argument), the whole call reproducibly; greedy repeats agree. A batch decodes its own images only."""
+    from autoselect_fast.eval.lmms_model import DEFAULT_MAX_NEW_TOKENS
+    from autoselect_fast.eval.tasks.autoselect_shapes.utils import doc_to_messages
+
+    docs = task_docs(4)
+    lm = build_lm("AutoSelectChat", f"pretrained={files['llava']},scorer={files['scorer']},keep=16,device=cpu,batch_size=3,seed=7")
+    decoded, decoded_at_batch = [], []
+
+    def counted(doc):
+        decoded.append(doc["id"])
+        return doc_to_messages(doc)
+
+    generate = lm.engine.generate
+
+    def recorded(requests, **kwargs):
+        decoded_at_batch.append(len(decoded))
+        return generate(requests, **kwargs)
+
+    lm.engine.generate = recorded
+
+    def repeated(gen_kwargs):
+        instances = chat_instances(lm, docs, gen_kwargs)
+        for inst in instances:
+            inst.arguments = (inst.arguments[0], counted, *inst.arguments[2:])
+        return [inst for inst in instances for _ in range(2)]  # as lmms-eval's evaluator clones them
+
+    hot = {"max_new_tokens": 6, "until": [], "temperature": 5.0}
+    first = lm.generate_until(repeated(hot))
+    assert decoded_at_batch == [3, 6, 8]  # 8 requests in batches of 3, each decoding its own
+    assert all(first[2 * i] != first[2 * i + 1] for i in range(len(docs)))  # repeats sample differently
+    assert lm.generate_until(repeated(hot)) == first  # and reproducibly
+    greedy = lm.generate_until(repeated({"max_new_tokens": 6, "until": []}))
+    assert greedy[0::2] == greedy[1::2] == lm.generate_until(chat_instances(lm, docs, {"max_new_tokens": 6, "until": []}))
+    # a task may write max_new_tokens: None, which means the default
+    assert lm._generation_settings({"max_new_tokens": None})["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS
+
+
 def test_one_lmms_batch_is_one_packed_batch_with_mixed_sizes(files):
     """Qwen2.5-VL: images of three sizes in one lmms-eval batch go through one engine call, and each
     answer equals the engine's answer to that request alone."""
@@ -240,45 +282,152 @@ def test_one_lmms_batch_is_one_packed_batch_with_mixed_sizes(files):
 
 
 def test_loglikelihood_equals_the_model_loss(files, tmp_path):
-    """--force_simple on the multiple-choice task: per choice the mean NLL of its tokens, as the model's own loss."""
+    """--force_simple on the multiple-choice task: per choice the mean NLL of its tokens, as the model's own loss
+    on prompt and choice tokenised as one text, and the greedy flag, as the argmax of the model's logits."""
     results, samples = run_lmms_eval(tmp_path, f"pretrained={files['llava']},device=cpu", "autoselect_shapes_mc", "--force_simple")
     from transformers import AutoProcessor
 
     checkpoint = open_checkpoint(files["llava"])
     model = checkpoint.load_model(torch.device("cpu"), torch.float32, progress=False)
     processor = AutoProcessor.from_pretrained(files["llava"])
-    correct = 0
+    correct, flags = 0, []
     for doc, sample in zip(task_docs(), samples):
         prompt = checkpoint.chat_prompt(doc["question"])
-        losses = []
+        context = processor(images=doc["pil"], text=prompt, return_tensors="pt")["input_ids"][0]
+        losses, greedy = [], []
         for choice in doc["choices"]:
-            ctx = processor(images=doc["pil"], text=prompt, return_tensors="pt")
-            cont = checkpoint.tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-            ids = torch.cat([ctx["input_ids"], torch.tensor([cont])], dim=1)
+            joined = processor(images=doc["pil"], text=prompt + " " + choice, return_tensors="pt")
+            ids, n = joined["input_ids"], len(context)
+            assert torch.equal(ids[0, :n], context)  # this word-level tokenizer never merges across the boundary
             labels = torch.full_like(ids, -100)
-            labels[0, -len(cont):] = torch.tensor(cont)
+            labels[0, n:] = ids[0, n:]
             with torch.no_grad():
-                losses.append(float(model(input_ids=ids, pixel_values=ctx["pixel_values"], labels=labels).loss))
+                out = model(input_ids=ids, pixel_values=joined["pixel_values"], labels=labels)
+            losses.append(float(out.loss))
+            greedy.append(bool((out.logits[0, n - 1:-1].argmax(-1) == ids[0, n:]).all()))
         got = [float(r[0]) for r in sample["filtered_resps"]]  # logged as [str(nll), str(greedy)] per choice
         assert got == pytest.approx(losses, rel=1e-4, abs=1e-5)
+        assert [str(r[1]) == "True" for r in sample["filtered_resps"]] == greedy
+        flags += greedy
         correct += int(min(range(len(losses)), key=losses.__getitem__) == doc["choices"].index(doc["answer"]))
     assert results["acc,none"] == pytest.approx(correct / LIMIT)
+    assert True in flags and False in flags  # the flag is compared both ways
 
 
-def test_bad_model_arguments_fail_before_loading(files):
+def test_split_continuation_tokenises_prompt_and_continuation_together():
+    """A SentencePiece-style tokenizer (Llama's rule: a space before the text, spaces as "▁"): " red" alone is
+    "▁", "▁red", which "... ASSISTANT: red" never holds; the split takes the joined text's tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from autoselect_fast.eval.lmms_model import split_continuation
+
+    words = ["<unk>", "<s>", "▁", "▁USER:", "▁what", "▁colour", "▁ASSISTANT:", "▁red", "▁re"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>")
+
+    def ids(*tokens):
+        return [words.index(t) for t in tokens]
+
+    prompt = "USER: what colour ASSISTANT:"
+    assert tokenizer(" red", add_special_tokens=False)["input_ids"] == ids("▁", "▁red")  # apart: not the joined tokens
+    context, continuation = split_continuation(tokenizer, prompt, " red")
+    assert context == ids("<s>", "▁USER:", "▁what", "▁colour", "▁ASSISTANT:") == tokenizer(prompt)["input_ids"]
+    assert continuation == ids("▁red")
+    # the boundary merges (" re" + "d" is one token "▁red"): split at the longest common prefix
+    context, continuation = split_continuation(tokenizer, prompt + " re", "d")
+    assert context == ids("<s>", "▁USER:", "▁what", "▁colour", "▁ASSISTANT:") and continuation == ids("▁red")
+    with pytest.raises(ValueError, match="continuation '' adds no tokens"):
+        split_continuation(tokenizer, prompt, "")
+
+
+def loglikelihood_instances(lm, docs, continuations, doc_to_visual, task="t"):
+    """loglikelihood Instances as lmms-eval's multiple-choice task builds them for a simple model."""
+    from lmms_eval.api.instance import Instance
+
+    lm.task_dict = {task: {"test": dict(enumerate(docs))}}
+    return [Instance(request_type="loglikelihood", arguments=(d["question"], c, doc_to_visual, i, task, "test"), idx=j,
+                     metadata={"task": task, "doc_id": i, "repeats": 1})
+            for i, d in enumerate(docs) for j, c in enumerate(continuations)]
+
+
+def test_pruned_loglikelihood_equals_the_pruned_engine(files):
+    """With keep: each continuation token's log-probability is the pruned engine's next-token logits after the
+    joined prompt's prefix (its first-token output, not the tail rows the model reads), the greedy flag their
+    argmax; the scores differ from the unpruned model's; each batch decodes its own images only."""
+    from lmms_eval.api.instance import unwrap_generation_output
+
+    docs = task_docs(4)
+    continuations = [" " + c for c in docs[0]["choices"]] + [" the diamond ?"]
+    decoded = []
+
+    def doc_to_visual(doc):
+        decoded.append(doc["id"])
+        return [doc["pil"]]
+
+    lm = build_lm("AutoSelectSimple", f"pretrained={files['llava']},scorer={files['scorer']},keep=8,device=cpu,batch_size=4")
+    prefill, decoded_at_batch = lm.engine.prefill, []
+
+    def recorded(requests, **kwargs):
+        decoded_at_batch.append(len(decoded))
+        return prefill(requests, **kwargs)
+
+    lm.engine.prefill = recorded
+    got = [unwrap_generation_output(r)[0] for r in lm.loglikelihood(loglikelihood_instances(lm, docs, continuations, doc_to_visual))]
+    assert decoded_at_batch == [4, 8, 12, 16, 20, 24, 28]  # 28 requests in batches of 4, each decoding its own
+    want, logits = [], {}
+    for doc in docs:
+        prompt = lm.checkpoint.chat_prompt(doc["question"])
+        n = len(lm.tokenizer(prompt)["input_ids"])
+        for c in continuations:
+            joined = lm.tokenizer(prompt + c)["input_ids"]
+            log_probs = []
+            for j in range(n, len(joined)):
+                key = (doc["id"], tuple(joined[:j]))
+                if key not in logits:
+                    logits[key] = torch.log_softmax(prefill([Request(joined[:j], images=[doc["pil"]])]).logits[0].float(), -1)
+                log_probs.append(logits[key])
+            target = joined[n:]
+            want.append((-sum(float(lp[t]) for lp, t in zip(log_probs, target)) / len(target),
+                         all(int(lp.argmax()) == t for lp, t in zip(log_probs, target))))
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-4, abs=1e-5)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert {w[1] for w in want} == {True, False}  # the flag is compared both ways
+    full = build_lm("AutoSelectSimple", f"pretrained={files['llava']},device=cpu,batch_size=4")
+    unpruned = [unwrap_generation_output(r)[0][0] for r in full.loglikelihood(loglikelihood_instances(full, docs, continuations, doc_to_visual))]
+    assert max(abs(a - b[0]) for a, b in zip(unpruned, got)) > 1e-3  # pruning changed the scores
+
+
+def test_bad_model_arguments_fail_before_loading(files, monkeypatch):
+    from autoselect_fast.local_checkpoint import LocalCheckpoint
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad argument was found")
+
     base = f"pretrained={files['llava']},device=cpu"
-    with pytest.raises(ValueError, match=r"unknown model argument\(s\) \['kep'\]"):
-        build_lm("AutoSelectChat", base + ",kep=4")
-    with pytest.raises(ValueError, match="selector must be one of"):
-        build_lm("AutoSelectChat", base + ",keep=4,selector=fastv")
-    with pytest.raises(ValueError, match="selector=scorer with a budget .* needs scorer=DIR"):
-        build_lm("AutoSelectChat", base + ",keep=4")
-    with pytest.raises(ValueError, match="pretrained='/nonexistent/dir': not a checkpoint directory"):
-        build_lm("AutoSelectChat", "pretrained=/nonexistent/dir,device=cpu")
-    with pytest.raises(ValueError, match="selector='visionzip' .* no \\[CLS\\] token"):
-        build_lm("AutoSelectChat", f"pretrained={files['qwen']},keep=2,selector=visionzip,device=cpu")
-    lm = build_lm("AutoSelectChat", base + ",keep=4,selector=divprune,batch_size=5")
-    assert lm.batch_size == 5 and lm.engine.keep == 4
+    bad = [
+        (base + ",kep=4", r"unknown model argument\(s\) \['kep'\]"),
+        (base + ",keep=4,selector=fastv", "selector must be one of"),
+        (base + ",keep=4", "selector=scorer with a budget .* needs scorer=DIR"),
+        ("pretrained=/nonexistent/dir,device=cpu", "pretrained='/nonexistent/dir': not a checkpoint directory"),
+        (base + ",keep=0,selector=norm", "keep must be an int >= 1"),
+        (base + ",keep_ratio=1.5,selector=norm", "keep_ratio must be a float in \\(0, 1\\]"),
+        (base + ",dtype=fp64", "dtype must be one of"),
+        (base + ",batch_size=0", "batch_size must be an int >= 1"),
+        (base + ",selection_backend=triton", "selection_backend must be one of"),
+        (f"pretrained={files['qwen']},keep=2,selector=visionzip,device=cpu", "selector='visionzip' .* no \\[CLS\\] token"),
+        (base + ",keep=65,selector=divprune", "keep=65 exceeds the 64 visual tokens of every image"),  # LLaVA-1.5: N = 64
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalCheckpoint, "load_model", no_loading)
+        for args, message in bad:
+            with pytest.raises(ValueError, match=message):
+                build_lm("AutoSelectChat", args)
+    lm = build_lm("AutoSelectChat", base + ",keep=64,selector=divprune,batch_size=5")
+    assert lm.batch_size == 5 and lm.engine.keep == 64
 
 
 # --------------------------------------------------------------------------------------------------

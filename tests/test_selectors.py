@@ -77,6 +77,22 @@ def test_random_is_seeded_per_image():
     assert counts.sum() == 400 * 8 and counts.min() > 20 and counts.max() < 90  # mean 50
 
 
+def test_random_without_keys_is_one_unbroken_run_per_call_across_threads():
+    """Calls without keys from several threads share one generator: each call's draws are one
+    consecutive run of it (the draws a lone caller gets for some call), never interleaved with another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    features = [torch.zeros(16384, 2) for _ in range(6)]
+    calls = 32
+    sequential = RandomSelector(seed=9)
+    want = [torch.cat(sequential(inputs(features, [8] * 6))) for _ in range(calls)]
+    shared = RandomSelector(seed=9)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda _: torch.cat(shared(inputs(features, [8] * 6))), range(calls)))
+    matches = [[j for j, w in enumerate(want) if torch.equal(g, w)] for g in got]
+    assert all(len(m) == 1 for m in matches) and sorted(m[0] for m in matches) == list(range(calls))
+
+
 @pytest.mark.parametrize("n,d,k", [(30, 6, 7), (41, 16, 12), (9, 3, 9)])
 def test_divprune_equals_brute_force_greedy_max_min(n, d, k):
     g = torch.Generator().manual_seed(n)

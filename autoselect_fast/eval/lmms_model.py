@@ -34,6 +34,7 @@ one the model was trained with.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Optional, Sequence
 
@@ -43,13 +44,13 @@ from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 
-from ..budget import check_budget_args
-from ..engine import AutoSelectEngine, Request
+from ..budget import check_budget_args, check_keep_fits
+from ..engine import SELECTION_BACKENDS, AutoSelectEngine, Request
 from ..local_checkpoint import load_scorer, open_checkpoint
 from ..preflight import UsageError
 from ..reference import POSITION_MODES
-from ..selectors import SELECTORS
-from ..validation import DTYPES, is_int
+from ..selectors import SELECTORS, make_selector
+from ..validation import DTYPES, check_choice, is_int
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -73,6 +74,32 @@ def _resolve_pretrained(pretrained: str) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(pretrained)
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(context ids, continuation ids)`` of ``context + continuation`` tokenised as one text.
+
+    Tokenised apart, a continuation can become tokens the joined text never has (SentencePiece /
+    Metaspace tokenizers of Llama and Mistral turn " red" alone into "▁", "▁red"), so the joined text
+    is tokenised and split after the context's own tokens. When the boundary merges (the joined ids do
+    not start with the context's ids), the split is at their longest common prefix: the scored tokens
+    then start with the merged token.
+    """
+    joined = list(tokenizer(context + continuation)["input_ids"])
+    alone = list(tokenizer(context)["input_ids"])
+    common = 0
+    while common < min(len(joined), len(alone)) and joined[common] == alone[common]:
+        common += 1
+    if common == len(joined):
+        raise ValueError(f"continuation {continuation!r} adds no tokens to the context")
+    return joined[:common], joined[common:]
+
+
+def sampling_seed(seed: int, task: str, doc_id, occurrence: int) -> int:
+    """The sampling seed of the ``occurrence``-th request of (``task``, ``doc_id``) in a call: a hash, so
+    repeats of a document sample differently; a non-negative 63-bit int (any int suits ``Request.seed``)."""
+    digest = hashlib.blake2b(f"{seed}|{task}|{doc_id}|{occurrence}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _int_arg(name: str, value, lowest: int) -> int:
@@ -116,6 +143,7 @@ class _AutoSelectLMM(lmms):
             raise ValueError(f"selector must be one of {list(SELECTORS)}, got {selector!r}")
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {list(POSITION_MODES)}, got {position_mode!r}")
+        check_choice("selection_backend", selection_backend, SELECTION_BACKENDS)
         self.batch_size_per_gpu = _int_arg("batch_size", batch_size, 1)
         self.seed = _int_arg("seed", seed, 0)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -133,6 +161,7 @@ class _AutoSelectLMM(lmms):
                 loaded_scorer = load_scorer(str(scorer), self.checkpoint.skeleton_adapter.feature_dim, str(pretrained))
         except UsageError as exc:  # the loaders name command-line flags; here they are model arguments
             raise ValueError(str(exc).replace("--model ", "pretrained=").replace("--scorer ", "scorer=")) from None
+        self._check_model_args(selector, loaded_scorer, keep)
         self.model = self.checkpoint.load_model(device, DTYPES[dtype], progress=False)
         if loaded_scorer is not None:
             loaded_scorer = loaded_scorer.to(device=device, dtype=DTYPES[dtype])
@@ -145,6 +174,14 @@ class _AutoSelectLMM(lmms):
         self._device = device
         self.eos_token_ids = self._eos_ids()
         self.image_text = self.checkpoint.image_token
+
+    def _check_model_args(self, selector: str, loaded_scorer, keep: Optional[int]) -> None:
+        """What the engine would refuse on this model, checked on the weightless skeleton: the selector
+        (visionzip needs a [CLS] token) and, where every image has the same N, keep <= N."""
+        adapter = self.checkpoint.skeleton_adapter
+        if not (selector == "scorer" and loaded_scorer is None):  # the engine builds no selector then
+            make_selector(selector, scorer=loaded_scorer, seed=self.seed).check_model(adapter)
+        check_keep_fits(keep, adapter)  # the engine's own check, run again at its construction
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
@@ -197,25 +234,50 @@ class _AutoSelectLMM(lmms):
         return self._prompt(messages.to_hf_messages(), images), images
 
     # -- generation ---------------------------------------------------------------------------------
-    def _generate_batches(self, items: list[tuple[str, list, dict, int]]) -> list[str]:
-        """``items``: (prompt, images, gen_kwargs, doc_id) per request, in lmms-eval's order. Requests with
-        equal generation arguments share packed batches of ``batch_size``; answers come back in order."""
+    def _gen_kwargs(self, req: Instance) -> dict:
+        """The request's generation arguments (where they sit in ``req.args`` differs by model type)."""
+        raise NotImplementedError
+
+    def _generation_input(self, req: Instance) -> tuple[str, list]:
+        """``(prompt, images)`` of a generate_until request: decodes its images."""
+        raise NotImplementedError
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Requests with equal generation arguments share packed batches of ``batch_size``; answers come back
+        in lmms-eval's order. Grouping reads the generation arguments only: each batch's prompts and
+        images are built when it runs."""
         groups: dict[str, list[int]] = {}
-        for i, (_, _, gen_kwargs, _) in enumerate(items):
-            groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
-        answers: list[Optional[str]] = [None] * len(items)
-        for members in groups.values():
-            settings = self._generation_settings(items[members[0]][2])
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(self._gen_kwargs(req).items())), []).append(i)
+        # every group's arguments are checked before the first image is decoded
+        plans = [(self._generation_settings(self._gen_kwargs(requests[m[0]])), m) for m in groups.values()]
+        seeds = self._sampling_seeds(requests)
+        answers: list[Optional[str]] = [None] * len(requests)
+        for settings, members in plans:
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                requests = [Request(items[i][0], images=items[i][1], seed=self.seed + items[i][3],
-                                    stop_token_ids=settings["stop_ids"]) for i in chunk]
-                out = self.engine.generate(requests, max_new_tokens=settings["max_new_tokens"], eos_token_id=self.eos_token_ids or None,
+                batch = []
+                for i in chunk:
+                    prompt, images = self._generation_input(requests[i])
+                    batch.append(Request(prompt, images=images, seed=seeds[i], stop_token_ids=settings["stop_ids"]))
+                out = self.engine.generate(batch, max_new_tokens=settings["max_new_tokens"], eos_token_id=self.eos_token_ids or None,
                                            do_sample=settings["do_sample"], temperature=settings["temperature"],
                                            top_k=settings["top_k"], top_p=settings["top_p"])
                 for i, ids in zip(chunk, out.token_ids):
                     answers[i] = self._cut(self.tokenizer.decode(ids, skip_special_tokens=True), settings["until"])
         return answers
+
+    def _sampling_seeds(self, requests: list[Instance]) -> list[int]:
+        """Per request :func:`sampling_seed`; lmms-eval sends a document's ``repeats`` as repeated requests,
+        which the occurrence count tells apart."""
+        seen: dict[tuple, int] = {}
+        seeds = []
+        for req in requests:
+            doc_id, task = req.args[3], req.args[4]
+            occurrence = seen.get((task, doc_id), 0)
+            seen[(task, doc_id)] = occurrence + 1
+            seeds.append(sampling_seed(self.seed, task, doc_id, occurrence))
+        return seeds
 
     def _generation_settings(self, gen_kwargs: dict) -> dict:
         until = gen_kwargs.get("until") or []
@@ -236,10 +298,11 @@ class _AutoSelectLMM(lmms):
                 stop_ids.append(token)
         top_p = gen_kwargs.get("top_p")
         top_k = gen_kwargs.get("top_k")
+        max_new = gen_kwargs.get("max_new_tokens")  # None (as some task YAMLs write it): the default
         return {
             "until": until, "stop_ids": stop_ids, "do_sample": do_sample, "temperature": temperature if do_sample else 1.0,
             "top_p": 1.0 if top_p is None or not do_sample else float(top_p), "top_k": 0 if top_k is None or not do_sample else int(top_k),
-            "max_new_tokens": _int_arg("max_new_tokens", gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), 1),
+            "max_new_tokens": _int_arg("max_new_tokens", DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new, 1),
         }
 
     @staticmethod
@@ -250,28 +313,28 @@ class _AutoSelectLMM(lmms):
 
     # -- log-likelihood -----------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance]) -> list:
-        """``(mean NLL of the continuation, greedy?)`` per request (see the module docstring)."""
-        items = []
-        for req in requests:
-            context, continuation, doc_to_visual, doc_id, task, split = req.args
-            doc = self.task_dict[task][split][doc_id]
-            if callable(continuation):
-                continuation = continuation(doc)
-            visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            messages, images = self._context_messages(context, visuals)
-            items.append((self._prompt(messages, images), images, str(continuation)))
-        results: list[tuple[float, bool]] = []
-        for start in range(0, len(items), self.batch_size):
-            results.extend(self._loglikelihood_batch(items[start:start + self.batch_size]))
+        """``(mean NLL of the continuation, greedy?)`` per request (see the module docstring); each batch's
+        prompts and images are built when it runs."""
+        results: list = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start:start + self.batch_size]
+            results.extend(self._loglikelihood_batch([self._loglikelihood_input(req) for req in chunk]))
         return results
+
+    def _loglikelihood_input(self, req: Instance) -> tuple[str, list, str]:
+        """``(prompt, images, continuation)`` of a loglikelihood request: decodes its images."""
+        context, continuation, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        if callable(continuation):
+            continuation = continuation(doc)
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        messages, images = self._context_messages(context, visuals)
+        return self._prompt(messages, images), images, str(continuation)
 
     def _loglikelihood_batch(self, items: list[tuple[str, list, str]]) -> list:
         requests, targets = [], []
         for prompt, images, continuation in items:
-            context_ids = list(self.tokenizer(prompt)["input_ids"])
-            continuation_ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
-            if not continuation_ids:
-                raise ValueError(f"the continuation {continuation!r} has no tokens")
+            context_ids, continuation_ids = split_continuation(self.tokenizer, prompt, continuation)
             requests.append(Request(context_ids + continuation_ids, images=images))
             targets.append(continuation_ids)
         # Row j of a request's tail logits predicts its token j+1: the last len(continuation)+1 rows hold
@@ -295,13 +358,12 @@ class AutoSelectChat(_AutoSelectLMM):
 
     is_simple = False
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
-        items = []
-        for req in requests:
-            _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
-            prompt, images = self._chat_request(doc_to_messages, doc_id, task, split)
-            items.append((prompt, images, dict(gen_kwargs), doc_id))
-        return self._generate_batches(items)
+    def _gen_kwargs(self, req: Instance) -> dict:
+        return dict(req.args[2])
+
+    def _generation_input(self, req: Instance) -> tuple[str, list]:
+        _, doc_to_messages, _, doc_id, task, split = req.args
+        return self._chat_request(doc_to_messages, doc_id, task, split)
 
 
 class AutoSelectSimple(_AutoSelectLMM):
@@ -309,14 +371,14 @@ class AutoSelectSimple(_AutoSelectLMM):
 
     is_simple = True
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
-        items = []
-        for req in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-            messages, images = self._context_messages(context, visuals)
-            items.append((self._prompt(messages, images), images, dict(gen_kwargs), doc_id))
-        return self._generate_batches(items)
+    def _gen_kwargs(self, req: Instance) -> dict:
+        return dict(req.args[1])
+
+    def _generation_input(self, req: Instance) -> tuple[str, list]:
+        context, _, doc_to_visual, doc_id, task, split = req.args
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        messages, images = self._context_messages(context, visuals)
+        return self._prompt(messages, images), images
 
 
 __all__ = ["AutoSelectChat", "AutoSelectSimple"]
