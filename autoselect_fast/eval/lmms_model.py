@@ -29,8 +29,9 @@ one the model was trained with.
   Beam search (``num_beams`` > 1) is refused.
 * ``loglikelihood``: ``(mean negative log-likelihood of the continuation tokens, greedy?)`` per request,
   the convention of lmms-eval's own models (its multiple-choice scorer ranks choices by the smallest
-  value). Context and continuation are tokenised apart and concatenated; one packed prefill per batch
-  gives the logits of every continuation token.
+  value). The continuation's tokens are those of context + continuation tokenised as one text, after
+  the context's own (:func:`split_continuation`); one packed prefill per batch gives the logits of every
+  continuation token. Each batch's prompts and images are built when it runs.
 """
 from __future__ import annotations
 
