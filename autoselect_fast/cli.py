@@ -116,7 +116,8 @@ def run_report_command(args: argparse.Namespace) -> dict:
     if plan.device.type == "cpu":
         seconds, flops = preflight.estimate_report_seconds(
             plan.preset, plan.keeps, dtype=plan.dtype, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
-            skeleton=plan.skeleton, serving_batch=plan.serving_batch,
+            skeleton=plan.skeleton, serving_batch=plan.serving_batch, mixed_batch=plan.mixed_batch, mixed_text=settings.mixed_text,
+            decode_batches=plan.decode_batches, decode_tokens=settings.decode_tokens,
         )
         estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {plan.dtype_name} matmul speed)"
         if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:

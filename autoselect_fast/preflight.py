@@ -16,11 +16,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-# Above this much prefill work on a CPU, `autoselect-fast bench` asks for --force. The rule counts
-# FLOPs, not measured seconds, so a busy machine does not turn the CPU-sized `default` preset (about 3
-# TFLOPs per run; `qwen2.5-vl-cpu` about 18) into a refusal; the full-size presets are 135 (LLaVA-1.5-7B),
-# 508 (LLaVA-NeXT-7B) and 4,083 (Qwen2.5-VL-7B with its 16-request serving batch).
-CPU_FORCE_THRESHOLD_FLOPS = 50e12
+# Above this much work on a CPU, `autoselect-fast bench` asks for --force. The rule counts FLOPs, not
+# measured seconds, so a busy machine does not turn a CPU-sized preset into a refusal. With the default
+# settings (every scenario, both contenders per K): `default` about 46 TFLOPs per run, `llava-next-cpu` 21,
+# `qwen2.5-vl-cpu` 19; the full-size presets 1,897 (LLaVA-1.5-7B), 7,401 (LLaVA-NeXT-7B) and 4,378
+# (Qwen2.5-VL-7B with its 16-request serving batch).
+CPU_FORCE_THRESHOLD_FLOPS = 200e12
 
 
 class UsageError(ValueError):
@@ -125,14 +126,20 @@ def matmul_flops_per_second(dtype: torch.dtype, rows: int = 256, width: int = 10
 
 
 def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype, batch: int, warmup: int, repeats: int,
-                            flops_per_second: Optional[float] = None, skeleton=None, serving_batch: Optional[int] = None) -> tuple[float, float]:
+                            flops_per_second: Optional[float] = None, skeleton=None, serving_batch: Optional[int] = None,
+                            mixed_batch: int = 0, mixed_text: Sequence[int] = (0, 0), decode_batches: Sequence[int] = (),
+                            decode_tokens: int = 0) -> tuple[float, float]:
     """``(seconds, total FLOPs)``: a rough CPU run time of ``autoselect-fast bench`` for ``preset``.
 
     Every prefill costs about 2 FLOPs per parameter per token (LLM over text + kept tokens, vision
-    tower over every image patch); each configuration runs ``warmup + repeats`` timed prefills and one
-    more for the FLOP count; the serving scenario (``serving_batch`` requests, default the preset's)
-    adds its full-model and keep-ratio configurations over its own images. Real layers run slower than
-    a bare matmul, so this is a lower bound more than an upper one.
+    tower over every image patch), and so does every decoded token. The configurations are those the
+    report times (``report.scenarios``, ``report.decode``): ``single`` (transformers, engine and peers
+    with every token; engine and peers at each K), ``mixed`` (``mixed_batch`` requests of ``mixed_text``
+    text tokens: two full-model rows, engine and peers at the smallest K), ``serving`` (its full-model
+    rows and keep ratios over its own images) and each ``decode`` batch (``generate`` of one and of
+    ``decode_tokens`` tokens, per decoder). Each runs ``warmup + repeats`` rounds, the prefill
+    scenarios one more for the FLOP count. Real layers run slower than a bare matmul, so this is a
+    lower bound more than an upper one.
     """
     from .report.contenders import vision_tower
 
@@ -148,9 +155,17 @@ def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype,
         patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1
         tiles = max(1, round(n / (patches - 1)))  # LLaVA-NeXT: base tile + crops
     text = preset.text_before + preset.text_after
-    per_config = []
-    for k in [n, *keeps]:
-        per_config.append(2 * (llm_params * (text + k) + vision_params * patches * tiles) * batch)
+
+    def prefill(requests: int, text_tokens: float, kept: int) -> float:  # one prefill of `requests` preset images
+        return 2 * (llm_params * (text_tokens + kept) + vision_params * patches * tiles * requests)
+
+    per_round = [prefill(batch, text * batch, n * batch)] * 3  # single: transformers, engine, peers, every token
+    per_round += [prefill(batch, text * batch, k * batch) for k in keeps for _ in ("engine", "peers")]
+    if mixed_batch:
+        mixed = mixed_batch * sum(mixed_text) / 2
+        per_round += [prefill(mixed_batch, mixed, n * mixed_batch)] * 2
+        if keeps:
+            per_round += [prefill(mixed_batch, mixed, min(keeps) * mixed_batch)] * 2
     serving = preset.serving_batch if serving_batch is None else serving_batch
     if serving:
         from .report.workloads import SERVING_RATIOS, SERVING_TEXT, serving_visual_tokens
@@ -159,8 +174,11 @@ def estimate_report_seconds(preset, keeps: Sequence[int], *, dtype: torch.dtype,
         text_total = serving * sum(SERVING_TEXT) / 2
         vision = vision_params * sum(tokens) * (merge or 1) ** 2
         for kept in [tokens, tokens] + [[max(1, round(r * t)) for t in tokens] for r in SERVING_RATIOS]:
-            per_config.append(2 * (llm_params * (text_total + sum(kept)) + vision))
-    flops = sum(per_config) * (warmup + repeats + 1)
+            per_round.append(2 * (llm_params * (text_total + sum(kept)) + vision))
+    flops = sum(per_round) * (warmup + repeats + 1)
+    for b in decode_batches:  # per decoder and round: generate(1) and generate(decode_tokens), two prefills
+        kept = [n] * 2 + ([min(keeps)] if keeps else [])
+        flops += sum(2 * prefill(b, text * b, k * b) + 2 * llm_params * b * max(decode_tokens - 1, 0) for k in kept) * (warmup + repeats)
     rate = flops_per_second if flops_per_second is not None else matmul_flops_per_second(dtype)
     return flops / rate, flops
 

@@ -11,6 +11,7 @@ per call without Python launch overhead (what a kernel costs inside a served mod
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -45,13 +46,14 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     samples = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
+        with torch.cuda.device(device):  # events go on the current stream of the current device: make it this one
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -138,6 +140,23 @@ class Stopwatch:
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
+def _package_version() -> str:
+    """This package's version, with the git commit (and "+dirty") when it runs from a checkout."""
+    import subprocess
+
+    from . import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return __version__
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return f"{__version__} ({sha.stdout.strip()}{'+dirty' if dirty.stdout.strip() else ''})"
+    except (OSError, subprocess.SubprocessError):  # no git: the version alone
+        return __version__
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """Device and library versions, for results files."""
     import transformers
@@ -149,6 +168,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
+        "autoselect_fast": _package_version(),
     }
     try:
         import triton

@@ -125,8 +125,9 @@ def main(argv=None) -> int:
             print(f"== {name}", flush=True)
             rows.append({"contender": name, **time_contender(checkpoint, hf, args)})
     base = rows[0]
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")  # where vLLM ran: its GPU when torch sees one
     print(f"\n{args.requests} requests, {args.max_tokens} greedy tokens each, vLLM {vllm.__version__}, torch {torch.__version__}, "
-          f"{environment('cpu')['device']}; median of {args.repeats} batches")
+          f"{env['device']}; median of {args.repeats} batches")
     print("| contender | prompt tokens | requests/s | output tokens/s | batch TTFT s | throughput × | TTFT × |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         row["ttft_speedup"] = base["ttft_median_s"] / row["ttft_median_s"]
         print(f"| {row['contender']} | {row['prompt_tokens']:,} | {row['requests_per_s']:.2f} | {row['output_tokens_per_s']:.1f} | "
               f"{row['ttft_median_s']:.2f} | {row['throughput_speedup']:.2f}× | {row['ttft_speedup']:.2f}× |")
-    report = {"benchmark": "vllm_serving", "vllm": vllm.__version__, "environment": environment("cpu"),
+    report = {"benchmark": "vllm_serving", "vllm": vllm.__version__, "environment": env,
               "requests": args.requests, "max_tokens": args.max_tokens, "repeats": args.repeats, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

@@ -85,7 +85,7 @@ def test_full_size_preset_on_cpu_needs_force(monkeypatch, capsys, no_model):
     code, line = run_cli(["bench", "--preset", "llava-1.5-7b", "--device", "cpu"], capsys)
     assert code == 2
     assert line.startswith("autoselect-fast bench: error: --preset llava-1.5-7b on the CPU would take about ")
-    assert "135.4 TFLOPs of prefills" in line and "Add --force to run it anyway" in line
+    assert "1,897.0 TFLOPs of prefills" in line and "Add --force to run it anyway" in line
 
     seen = {}
     monkeypatch.setattr(report, "run_report", lambda settings, plan: seen.setdefault("settings", settings))
@@ -106,10 +106,19 @@ def test_estimate_scales_with_the_work():
     preset = presets.get_preset("llava-1.5-7b")
     kwargs = dict(dtype=torch.float32, batch=1, warmup=2, repeats=5, flops_per_second=1e11)
     seconds, flops = preflight.estimate_report_seconds(preset, [192, 128, 64], **kwargs)
-    # LLM of ~6.7 B parameters over 48 text tokens + 576, 192, 128, 64 visual tokens, 8 prefills each
-    llm_only = 2 * 6.7e9 * (4 * 48 + 576 + 192 + 128 + 64) * 8
+    # LLM of ~6.7 B parameters over 48 text tokens + visual tokens, 8 prefills each: transformers, engine
+    # and peers with all 576; engine and peers at each K
+    llm_only = 2 * 6.7e9 * (9 * 48 + 3 * 576 + 2 * (192 + 128 + 64)) * 8
     assert 0.9 * llm_only < flops < 1.3 * llm_only and seconds == pytest.approx(flops / 1e11)
     assert preflight.estimate_report_seconds(preset, [64], **kwargs)[1] < flops
+    # the mixed and decode scenarios count too: 4 prefills of 16 requests; 3 decoders (all, all, K = 64) of
+    # 16 requests, each round generate(1) and generate(32): two prefills and 31 decode steps
+    more = preflight.estimate_report_seconds(preset, [64], **kwargs, mixed_batch=16, mixed_text=(10, 30),
+                                             decode_batches=[16], decode_tokens=32)[1]
+    base = preflight.estimate_report_seconds(preset, [64], **kwargs)[1]
+    mixed = 2 * 6.7e9 * 16 * (4 * 20 + 2 * 576 + 2 * 64) * 8
+    decode = 2 * 6.7e9 * 16 * (2 * (3 * 48 + 2 * 576 + 64) + 3 * 31) * 7
+    assert 0.9 * (mixed + decode) < more - base < 1.4 * (mixed + decode)
 
 
 def test_keep_replaces_the_preset_budgets(tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import autoselect_fast
 from autoselect_fast import presets
 from autoselect_fast import report as R
 from autoselect_fast.cli import main
@@ -129,6 +130,50 @@ def test_speedups_suspect_and_noisy_flags():
     assert lines[2].startswith("SUSPECT single: suspect K=4: speedup (ttft 6.67x, prefill 10.67x)") and len(lines) == 3
 
 
+def test_rounds_turn_the_order_and_eager_stages_are_reported():
+    """Each round starts with the next contender; a graphed runner's eager stages over the timed rounds
+    (counts reset after the warm-up) go into the row and an EAGER warning."""
+    order = []
+
+    class FakeRunner:
+        mode = "graphs"
+
+        def __init__(self):
+            self.eager = 0
+
+        def reset_stats(self):
+            self.eager = 0
+
+        def stats_dict(self):
+            return {"prefill": {"graph_replays": 0, "captures": 0, "padded": 0, "eager": {"above_largest_bucket": self.eager}},
+                    "vision": {"graph_replays": 2, "captures": 0, "padded": 0, "eager": {}}}
+
+    def contender(name, runner=None):
+        def run():
+            order.append(name)
+            if runner is not None:
+                runner.eager += 1
+            return {stage: 1.0 for stage in R.STAGES}, None
+        return R.Contender(name, None, run, lambda: 10, [10], 10, runner=runner)
+
+    runner = FakeRunner()
+    fakes = {"a": lambda s, r, k: contender("a"), "b": lambda s, r, k: contender("b"), "engine": lambda s, r, k: contender("engine", runner)}
+    scenario = R.Scenario("single", "fake", [Request([1])], [("a", None), ("b", None), ("engine", None)], text_tokens=[1], visual_tokens=[0])
+
+    class Bar:
+        def update(self, n): pass
+        def set_postfix_str(self, s): pass
+
+    out = R.run_scenario(None, scenario, ReportSettings(warmup=1, repeats=2, device="cpu"), Bar(), contenders=fakes)
+    assert order[:9] == ["a", "b", "engine", "b", "engine", "a", "engine", "a", "b"]
+    row = out["rows"][2]
+    assert row["runner"]["mode"] == "graphs" and row["eager_stages"] == {"prefill": {"above_largest_bucket": 2}}  # timed rounds only
+    assert "runner" not in out["rows"][0]
+    lines = R.report_warnings({"scenarios": [out], "noise_threshold_max_over_min": 1.3})
+    assert lines == ["EAGER single: engine all ran stages without its CUDA graphs (prefill: above_largest_bucket x2): "
+                     "its time is the eager path's for those stages."]
+
+
 def test_noise_helpers():
     s = summarize([3.0, 1.0, 2.0])
     assert s == {"median_ms": 2.0, "min_ms": 1.0, "max_ms": 3.0} and is_noisy(s) and not is_noisy(summarize([1.0, 1.2]))
@@ -138,6 +183,7 @@ def test_mixed_lengths_and_file_names():
     assert R.mixed_text_lengths(8, 10, 200) == [10, 37, 64, 91, 119, 146, 173, 200]
     assert R.report_stem("default", torch.device("cpu"), "bf16", 1, 8) == "report-default-cpu-bf16-b1-mixed8"
     assert R.report_stem("default", torch.device("cpu"), "fp32", 2, 0) == "report-default-cpu-fp32-b2"
+    assert R.report_stem("default", torch.device("cpu"), "fp32", 2, 0, keeps=[64, 32]) == "report-default-cpu-fp32-b2-k64-32"
 
 
 def test_report_on_tiny_preset(tmp_path):
@@ -160,11 +206,17 @@ def test_report_on_tiny_preset(tmp_path):
     padded = {r["contender"]: r["llm_tokens"] for r in mixed["rows"] if r["keep"] is None}
     assert padded == {"transformers": 2 * (20 + 16), "engine": (4 + 16) + (20 + 16)}
     assert [p["keep"] for p in report["pruning_module_alone"]] == [8, 2]
-    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.json").read_text())
+    saved = json.loads((tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1-k8-2.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and saved["dtype"] == "fp32"
+    assert saved["environment"]["autoselect_fast"].startswith(autoselect_fast.__version__)
+    assert saved["settings"]["keeps"] == [8, 2] and saved["settings"]["mixed_text"] == [4, 20] and saved["settings"]["decode_tokens"] == 3
+    for r in single["rows"]:  # the engine's runner path over the timed rounds; peers and transformers have none
+        assert ("runner" in r) == (r["contender"] == "engine")
+        if r["contender"] == "engine":
+            assert r["runner"]["mode"] in ("eager", "padded") and r["eager_stages"] == {}  # no graphs on a CPU: nothing to warn of
     assert saved["baseline"].startswith("transformers: unmodified LlavaForConditionalGeneration.forward (attn_implementation=sdpa")
-    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1.md").read_text()
+    assert (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1-k8-2.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report-tiny-cpu-fp32-b1-mixed2-decode1-k8-2.md").read_text()
     assert markdown.count("| config | contender | LLM seq |") == 2 and "| K=2 | engine |" in markdown
     assert any(line.startswith("single: engine K=2: prefill") for line in saved["summary"])
     assert [(r["contender"], r["keep"]) for r in saved["decode"][0]["rows"]] == [("transformers", None), ("engine", None), ("engine", 2)]

@@ -89,7 +89,7 @@ def test_report_with_serving_scenario(tmp_path):
         ("transformers", None), ("engine", None), ("engine", 1 / 3), ("engine", 2 / 9), ("engine", 1 / 9)]
     assert len(set(serving["visual_tokens"])) == 16
     assert report["baseline"].startswith("transformers: unmodified Qwen2_5_VLForConditionalGeneration.forward")
-    stem = tmp_path / "report-qwen-tiny-cpu-fp32-b1-serving16"
+    stem = tmp_path / "report-qwen-tiny-cpu-fp32-b1-serving16-k8"
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert any(line.startswith("serving: engine r=0.222: prefill") for line in saved["summary"])
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -4,9 +4,9 @@ per stage.
 * ``transformers`` — the **baseline**: the unmodified model, ``model(**inputs, logits_to_keep=1)``
   on the inputs its processor writes (:mod:`.model_inputs`), with its own attention implementation
   and left-padded batch, as ``generate`` runs its prefill; every visual token.
-* ``peers`` — how research forks prune: vision, the same Scorer and selection, then the kept tokens
-  through the model's language model as a right-padded ``inputs_embeds`` batch with explicit position
-  ids and the model's own attention.
+* ``peers`` — how research forks prune: vision, the same Scorer and selection (eager, no CUDA graphs),
+  then the kept tokens through the model's language model as a right-padded ``inputs_embeds`` batch
+  with explicit position ids and the model's own attention.
 * ``engine`` — :class:`~autoselect_fast.engine.AutoSelectEngine`: packed varlen prefill of the kept
   tokens; with every token kept it checks that the engine's own path is as fast as transformers'.
 * ``transformers + CUDA graph`` — a stronger baseline, CUDA only: the unmodified model on the baseline's
@@ -71,11 +71,10 @@ class BenchSetup:
         scorer = Scorer(preset.scorer(get_adapter(model).feature_dim)).to(device=device, dtype=dtype).eval()
         return cls(preset, model, scorer, device, dtype)
 
-    def engine_for(self, keep: Keep) -> AutoSelectEngine:
+    def engine_for(self, keep: Keep, *, cuda_graphs: bool = True) -> AutoSelectEngine:
         """An engine keeping every token (None), K per image (int) or ``max(1, round(r * N_i))`` (float r)."""
-        if isinstance(keep, float):
-            return AutoSelectEngine(self.model, self.scorer, keep_ratio=keep, score_cache_size=0)
-        return AutoSelectEngine(self.model, self.scorer, keep=keep, score_cache_size=0)
+        budget = dict(keep_ratio=keep) if isinstance(keep, float) else dict(keep=keep)
+        return AutoSelectEngine(self.model, self.scorer, **budget, score_cache_size=0, cuda_graphs=cuda_graphs)
 
 
 class ContenderUnavailable(RuntimeError):
@@ -88,7 +87,9 @@ class Contender:
 
     ``run()`` does one timed prefill and returns its stage times in ms (every key of :data:`STAGES`)
     and the ``(B, vocab)`` logits; ``flops()`` counts the LLM prefill's FLOPs; ``sequence_lengths``
-    are the real tokens per request the LLM sees, ``llm_tokens`` what it runs over.
+    are the real tokens per request the LLM sees, ``llm_tokens`` what it runs over. ``runner``: the
+    engine's :class:`~autoselect_fast.engine.runner.Runner` where the contender goes through one, so
+    the report can say which of its stages replayed graphs and which ran eagerly.
     """
 
     name: str
@@ -97,6 +98,7 @@ class Contender:
     flops: Callable[[], int]
     sequence_lengths: list[int]
     llm_tokens: int
+    runner: Optional[object] = None
 
 
 def _packed(engine: AutoSelectEngine, requests: list[Request]):
@@ -123,7 +125,7 @@ def engine_contender(setup: BenchSetup, requests: list[Request], keep: Keep) -> 
         return count_flops(lambda: engine.prefill_packed(packed))
 
     lengths = _packed(engine, requests)[1].cu_seqlens.diff().tolist()
-    return Contender("engine", keep, run, flops, lengths, sum(lengths))
+    return Contender("engine", keep, run, flops, lengths, sum(lengths), runner=engine.runner)
 
 
 def _right_padded(packed) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -148,8 +150,9 @@ def _right_padded(packed) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def peers_contender(setup: BenchSetup, requests: list[Request], keep: Keep) -> Contender:
-    """Kept tokens through the model's own language model as a padded ``inputs_embeds`` batch."""
-    engine = setup.engine_for(keep)
+    """Kept tokens through the model's own language model as a padded ``inputs_embeds`` batch; vision and
+    pruning run eagerly, as in the forks (no CUDA graphs: the engine's runner is what they lack)."""
+    engine = setup.engine_for(keep, cuda_graphs=False)
     lm, lm_head = engine.adapter.language_model, engine.adapter.lm_head
 
     def padded_batch(clock: Optional[Stopwatch] = None):

@@ -4,7 +4,7 @@ engine gets none; transformers' end-of-sequence token is held back with ``min_ne
 
 Decoding speed is taken apart from the prefill: each round times ``generate`` with one new token and
 with ``n`` new tokens; decode tokens/s is ``batch * (n - 1)`` over the difference of their medians.
-The configurations are timed interleaved, as the prefill scenarios are.
+The configurations are timed interleaved, in an order that turns each round, as the prefill scenarios are.
 """
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ def run_decode(setup: BenchSetup, batch: int, keeps: list[int], settings: Report
     samples = [{"one": [], "all": []} for _ in decoders]
     tokens: list[list[list[int]]] = [[] for _ in decoders]
     for round_ in range(settings.warmup + settings.repeats):
-        for i, (d, store) in enumerate(zip(decoders, samples)):
+        turn = round_ % len(decoders)  # the order turns each round, as in the prefill scenarios
+        for i in list(range(turn, len(decoders))) + list(range(turn)):
+            d, store = decoders[i], samples[i]
             bar.set_postfix_str(f"decode batch {batch}: {d.name} {keep_label(d.keep)}")
             clock = Stopwatch(setup.device)
             with clock.stage("one"):

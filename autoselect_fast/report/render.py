@@ -73,7 +73,8 @@ def report_summary(report: dict) -> list[str]:
 
 
 def report_warnings(report: dict) -> list[str]:
-    """One NOISY line per scenario with spread-out measurements, one SUSPECT line per speedup above its FLOP ratio."""
+    """One NOISY line per scenario with spread-out measurements, one SUSPECT line per speedup above its FLOP
+    ratio, one EAGER line per engine row whose graphed runner ran a stage eagerly."""
     lines = []
     threshold = report["noise_threshold_max_over_min"]
     for s in report["scenarios"]:
@@ -84,6 +85,11 @@ def report_warnings(report: dict) -> list[str]:
             lines.append(f"NOISY {s['name']}: max/min above {threshold} for {'; '.join(noisy)}. The machine was busy: "
                          "re-run on a quiet machine (or with more --repeats) before quoting these numbers.")
         for r in s["rows"]:
+            if r.get("eager_stages"):
+                which = "; ".join(f"{stage}: " + ", ".join(f"{reason} x{n}" for reason, n in reasons.items())
+                                  for stage, reasons in r["eager_stages"].items())
+                lines.append(f"EAGER {s['name']}: {r['contender']} {_config(r)} ran stages without its CUDA graphs ({which}): "
+                             "its time is the eager path's for those stages.")
             if r["suspect"]:
                 which = ", ".join(f"{kind} {r['speedup'][kind]:.2f}x" for kind in r["suspect"])
                 lines.append(f"SUSPECT {s['name']}: {r['contender']} {_config(r)}: speedup ({which}) above the FLOP ratio "

@@ -19,10 +19,12 @@ from .settings import ReportPlan, ReportSettings
 
 
 def report_stem(preset: str, device: torch.device, dtype_name: str, batch: int, mixed_batch: int, serving_batch: int = 0,
-                decode_batches=()) -> str:
-    """File name stem: preset, device, dtype and batch scenarios, so different runs do not overwrite each other."""
+                decode_batches=(), keeps=None) -> str:
+    """File name stem: preset, device, dtype, batch scenarios and budgets given with ``--keep`` (``keeps``;
+    None: the preset's), so different runs do not overwrite each other."""
     return (f"report-{preset}-{device.type}-{dtype_name}-b{batch}" + (f"-mixed{mixed_batch}" if mixed_batch else "")
-            + (f"-serving{serving_batch}" if serving_batch else "") + "".join(f"-decode{b}" for b in decode_batches))
+            + (f"-serving{serving_batch}" if serving_batch else "") + "".join(f"-decode{b}" for b in decode_batches)
+            + ("-k" + "-".join(map(str, keeps)) if keeps else ""))
 
 
 def run_report(settings: ReportSettings, plan: Optional[ReportPlan] = None) -> dict:
@@ -56,6 +58,10 @@ def run_report(settings: ReportSettings, plan: Optional[ReportPlan] = None) -> d
         "dtype": plan.dtype_name,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
+        "settings": {"batch": settings.batch, "keeps": plan.keeps, "mixed_batch": plan.mixed_batch, "mixed_text": list(settings.mixed_text),
+                     "serving_batch": plan.serving_batch, "serving_ratios": list(settings.serving_ratios),
+                     "decode_batches": list(plan.decode_batches), "decode_tokens": settings.decode_tokens,
+                     "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "baseline": (f"transformers: unmodified {type(setup.model).__name__}.forward (attn_implementation="
                      f"{setup.model.config._attn_implementation}, its own left-padded batch, logits_to_keep=1, no KV cache)"),
         "graphed_baseline": GRAPHED_DESCRIPTION,
@@ -77,7 +83,7 @@ def run_report(settings: ReportSettings, plan: Optional[ReportPlan] = None) -> d
     print(format_report(report))
     os.makedirs(settings.out_dir, exist_ok=True)
     stem = os.path.join(settings.out_dir, report_stem(preset.name, device, plan.dtype_name, settings.batch, plan.mixed_batch,
-                                                      plan.serving_batch, plan.decode_batches))
+                                                      plan.serving_batch, plan.decode_batches, settings.keeps))
     with open(stem + ".json", "w") as fh:
         json.dump(report, fh, indent=2)
     with open(stem + ".md", "w") as fh:

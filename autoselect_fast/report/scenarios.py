@@ -8,7 +8,8 @@ packing buys over padding). ``serving`` (native-resolution presets, Qwen2.5-VL):
 resolutions, so different N_i, and prompts of different lengths, at keep ratios.
 
 :func:`run_scenario` times the configurations interleaved (one prefill of each per round, so every
-contender sees the same machine state), then computes ratios against the baseline (and the engine's
+contender sees the same machine state; the order turns each round, so none always runs first), records
+which of the engine runner's stages replayed graphs and which ran eagerly, then computes ratios against the baseline (and the engine's
 TTFT against ``transformers + CUDA graph`` and the peers where they ran) and flags a speedup above the
 FLOP ratio as suspect and a wide spread as noisy. A contender that cannot run here
 (:class:`~.contenders.ContenderUnavailable`) is left out, with its reason under ``absent``.
@@ -83,7 +84,14 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
                 bar.total -= settings.warmup + settings.repeats
     samples: list[dict[str, list[float]]] = [{stage: [] for stage in STAGES} for _ in runs]
     for round_ in range(settings.warmup + settings.repeats):
-        for c, store in zip(runs, samples):
+        if round_ == settings.warmup:  # the runners' counts cover the timed rounds only (captures happen while warming up)
+            for c in runs:
+                if c.runner is not None:
+                    c.runner.reset_stats()
+        # The order turns each round, so no contender always runs first (after another's work, or cold).
+        turn = round_ % len(runs) if runs else 0
+        for i in list(range(turn, len(runs))) + list(range(turn)):
+            c, store = runs[i], samples[i]
             bar.set_postfix_str(f"{scenario.name}: {c.name} {keep_label(c.keep)}")
             with torch.inference_mode():
                 ms, _ = c.run()
@@ -100,6 +108,7 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
             "sequence_lengths": c.sequence_lengths,
             "llm_tokens": c.llm_tokens,
             "stages": stages,
+            **runner_paths(c),  # before flops() and the profile, whose calls would add to the counts
             "prefill_flops": c.flops(),
             "gpu": kernel_profile(c.run, torch.device(settings.device), stages["total"]["median_ms"]),
         })
@@ -129,6 +138,18 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
         "rows": rows,
         "absent": absent,
     }
+
+
+def runner_paths(contender: Contender) -> dict:
+    """The runner's mode and, per stage, its graph replays, captures, padded and eager runs over the timed
+    rounds; ``eager_stages`` names the stages that ran eagerly although the runner replays graphs (a
+    batch above the largest bucket, images of different N, ...), so a GPU number never hides that."""
+    runner = contender.runner
+    if runner is None:
+        return {}
+    stats = runner.stats_dict()
+    eager = {stage: s["eager"] for stage, s in stats.items() if s["eager"]} if runner.mode == "graphs" else {}
+    return {"runner": {"mode": runner.mode, "stages": stats}, "eager_stages": eager}
 
 
 def build_scenarios(setup: BenchSetup, settings: ReportSettings, plan: ReportPlan) -> list[Scenario]:
