@@ -119,7 +119,7 @@ def run_report_command(args: argparse.Namespace) -> dict:
             skeleton=plan.skeleton, serving_batch=plan.serving_batch, mixed_batch=plan.mixed_batch, mixed_text=settings.mixed_text,
             decode_batches=plan.decode_batches, decode_tokens=settings.decode_tokens,
         )
-        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs of prefills at this CPU's measured {plan.dtype_name} matmul speed)"
+        estimate = f"about {preflight.format_duration(seconds)} ({flops / 1e12:,.1f} TFLOPs (prefills and decoding) at this CPU's measured {plan.dtype_name} matmul speed)"
         if flops > preflight.CPU_FORCE_THRESHOLD_FLOPS and not args.force:
             raise preflight.UsageError(
                 f"--preset {plan.preset.name} on the CPU would take {estimate}; above {preflight.CPU_FORCE_THRESHOLD_FLOPS / 1e12:.0f} TFLOPs "
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed prefills per configuration; the report gives their median and min-max (default 5)")
     bench.add_argument("--out-dir", default="bench/out", help="where the JSON, markdown tables and PNG go")
     bench.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
-    bench.add_argument("--force", action="store_true", help="run on a CPU even above 50 TFLOPs of prefills (the full-size presets; the estimate says how long)")
+    bench.add_argument("--force", action="store_true", help="run on a CPU even above 200 TFLOPs of estimated work (the full-size presets; the estimate says how long)")
     bench.add_argument("--quiet", action="store_true", help="no progress output, only the table")
     bench.set_defaults(handler=run_report_command)
 

@@ -85,7 +85,7 @@ def test_full_size_preset_on_cpu_needs_force(monkeypatch, capsys, no_model):
     code, line = run_cli(["bench", "--preset", "llava-1.5-7b", "--device", "cpu"], capsys)
     assert code == 2
     assert line.startswith("autoselect-fast bench: error: --preset llava-1.5-7b on the CPU would take about ")
-    assert "1,897.0 TFLOPs of prefills" in line and "Add --force to run it anyway" in line
+    assert "1,897.0 TFLOPs (prefills and decoding)" in line and "Add --force to run it anyway" in line
 
     seen = {}
     monkeypatch.setattr(report, "run_report", lambda settings, plan: seen.setdefault("settings", settings))
