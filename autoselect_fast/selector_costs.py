@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from .selectors import SELECTORS, SelectorInputs, make_selector
+from .timing import turning_order
 
 LLAVA_7B_HIDDEN = 4096  # the LLM width LLaVA-1.5-7B's projector maps to
 
@@ -88,8 +89,8 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, device: torch.de
             calls[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
+        for i in turning_order(len(names), r):
+            name = names[i]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -62,6 +62,12 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
 
 
+def turning_order(count: int, round_: int) -> list[int]:
+    """Indices ``0..count-1`` starting ``round_`` places further along each round: interleaved timing in
+    which no contender always runs first (cold, or right after another's work)."""
+    return [(round_ + j) % count for j in range(count)]
+
+
 def gpu_timeline_ms(fn: Callable[[], object], *, replays: int = 200, warmup: int = 3, graph: bool = True) -> tuple[float, str]:
     """GPU time per call of ``fn`` (CUDA), in ms, and how it was taken.
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..engine import Request
-from ..timing import Stopwatch, is_noisy, summarize
+from ..timing import Stopwatch, is_noisy, summarize, turning_order
 from .contenders import BASELINE, BenchSetup, Keep
 from .model_inputs import model_inputs
 from .render import keep_label
@@ -77,8 +77,7 @@ def run_decode(setup: BenchSetup, batch: int, keeps: list[int], settings: Report
     samples = [{"one": [], "all": []} for _ in decoders]
     tokens: list[list[list[int]]] = [[] for _ in decoders]
     for round_ in range(settings.warmup + settings.repeats):
-        turn = round_ % len(decoders)  # the order turns each round, as in the prefill scenarios
-        for i in list(range(turn, len(decoders))) + list(range(turn)):
+        for i in turning_order(len(decoders), round_):  # as in the prefill scenarios
             d, store = decoders[i], samples[i]
             bar.set_postfix_str(f"decode batch {batch}: {d.name} {keep_label(d.keep)}")
             clock = Stopwatch(setup.device)

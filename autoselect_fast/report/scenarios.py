@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..engine import Request
-from ..timing import is_noisy, summarize
+from ..timing import is_noisy, summarize, turning_order
 from .contenders import CONTENDERS, STAGES, BenchSetup, Contender, ContenderUnavailable, Keep
 from .graphed import GRAPHED, GRAPHS_NEED_CUDA
 from .profile import kernel_profile
@@ -88,9 +88,7 @@ def run_scenario(setup: BenchSetup, scenario: Scenario, settings: ReportSettings
             for c in runs:
                 if c.runner is not None:
                     c.runner.reset_stats()
-        # The order turns each round, so no contender always runs first (after another's work, or cold).
-        turn = round_ % len(runs) if runs else 0
-        for i in list(range(turn, len(runs))) + list(range(turn)):
+        for i in turning_order(len(runs), round_):
             c, store = runs[i], samples[i]
             bar.set_postfix_str(f"{scenario.name}: {c.name} {keep_label(c.keep)}")
             with torch.inference_mode():
